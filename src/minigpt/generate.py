@@ -1,0 +1,106 @@
+"""Autoregressive sampling: greedy, temperature, top-k, top-p, per-sequence EOS, KV cache."""
+
+from __future__ import annotations
+
+import torch
+
+from minigpt.model import GPTModel
+from minigpt.modules import KVCache
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the top-p nucleus. `(batch, vocab)`."""
+    if top_k is not None:
+        if top_k <= 0:
+            raise ValueError(f"top_k must be a positive integer, got {top_k}")
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (batch, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (batch, vocab)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token once the tokens ranked above it already cover top_p; the first always stays.
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """Choose one token per row of `(batch, vocab)` logits; returns `(batch, 1)`."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (batch, 1)
+
+
+class _Decoder:
+    """Logits of the last position, reusing cached keys/values while the context has room."""
+
+    def __init__(self, model: GPTModel, batch: int, use_cache: bool) -> None:
+        self.model = model
+        self.context_length = model.cfg.context_length
+        self.caches: list[KVCache] | None = model.new_kv_caches(batch) if use_cache else None
+
+    def last_logits(self, idx: torch.Tensor, n_new: int) -> torch.Tensor:
+        """`idx` is the whole sequence so far `(batch, seq)`; `n_new` tokens are not in the cache yet."""
+        window = idx[:, -self.context_length:]  # the model sees at most context_length tokens
+        if self.caches is None:
+            feed, caches = window, None
+        elif self.caches[0].length + n_new <= self.context_length:
+            feed, caches = idx[:, -n_new:], self.caches
+        else:
+            # The window slid: absolute positions changed, so cached keys are stale.
+            # Re-encode the window from scratch (same result as uncached decoding).
+            self.caches = self.model.new_kv_caches(idx.shape[0])
+            feed, caches = window, self.caches
+        hidden = self.model.hidden_states(feed, caches)  # (batch, len(feed), emb_dim)
+        # Only the last position is needed: projecting the others to 50k logits is wasted work.
+        return self.model.out_head(hidden[:, -1])  # (batch, vocab_size)
+
+
+@torch.no_grad()
+def generate(
+    model: GPTModel,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Extend token ids `(batch, seq)` by up to `max_new_tokens`; returns `(batch, seq + n)`.
+
+    temperature 0 is greedy. A sequence that emits `eos_id` stops there: its later
+    positions are padded with `eos_id`, and decoding ends when every sequence has stopped.
+    """
+    if idx.dim() != 2 or idx.shape[1] == 0:
+        raise ValueError(f"idx must be a non-empty (batch, seq) tensor of token ids, got shape {tuple(idx.shape)}")
+    was_training = model.training
+    model.eval()
+    try:
+        decoder = _Decoder(model, idx.shape[0], use_cache)
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)  # (batch,)
+        n_new = min(idx.shape[1], model.cfg.context_length)
+        for _ in range(max_new_tokens):
+            logits = decoder.last_logits(idx, n_new)  # (batch, vocab_size)
+            token = next_token(logits, temperature, top_k, top_p, generator)  # (batch, 1)
+            if eos_id is not None:
+                token = token.masked_fill(finished[:, None], eos_id)
+                finished |= token[:, 0] == eos_id
+            idx = torch.cat([idx, token], dim=1)  # (batch, seq + 1)
+            n_new = 1
+            if eos_id is not None and bool(finished.all()):
+                break
+        return idx
+    finally:
+        model.train(was_training)

