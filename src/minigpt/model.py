@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from minigpt.config import ModelConfig, preset_config
+from minigpt.losses import linear_cross_entropy
 from minigpt.modules import (
     KVCache,
     LayerNorm,
@@ -36,6 +36,9 @@ class GPTModel(nn.Module):
         )
         self.final_norm = LayerNorm(cfg.emb_dim)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        # Rows per chunk of the fused head + loss (see losses.py); None = plain full logits.
+        # A runtime choice of the trainer, not part of the architecture.
+        self.loss_chunk_size: int | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -65,13 +68,17 @@ class GPTModel(nn.Module):
             x = block(x, kv_caches[i] if kv_caches else None)  # (batch, seq, emb_dim)
         return self.final_norm(x)  # (batch, seq, emb_dim)
 
-    def forward(self, idx: torch.Tensor, kv_caches: list[KVCache] | None = None) -> torch.Tensor:
-        return self.out_head(self.hidden_states(idx, kv_caches))  # (batch, seq, vocab_size)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_caches: list[KVCache] | None = None) -> torch.Tensor:
+        """Logits `(batch, seq, vocab_size)`, or with `targets (batch, seq)` the mean cross-entropy.
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy of `(batch, seq)` inputs against `(batch, seq)` targets."""
-        logits = self(idx)  # (batch, seq, vocab_size)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        The loss goes through `forward` (not a separate method) so that DDP and
+        torch.compile, which wrap `forward`, see the whole computation.
+        """
+        hidden = self.hidden_states(idx, kv_caches)  # (batch, seq, emb_dim)
+        if targets is None:
+            return self.out_head(hidden)  # (batch, seq, vocab_size)
+        return linear_cross_entropy(hidden, self.out_head.weight, targets, self.loss_chunk_size)
 
     def new_kv_caches(self, batch: int) -> list[KVCache]:
         """Empty per-layer caches for incremental decoding."""

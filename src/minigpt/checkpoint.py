@@ -1,0 +1,166 @@
+"""Training checkpoints as one safetensors file: tensors plus JSON metadata, never pickle.
+
+Everything a bit-exact resume needs travels together: model weights, AdamW moments,
+step counters, RNG states, the data loader position, the resolved config and the
+fingerprints of the data it was trained on. One file means one atomic rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from minigpt.utils import atomic_path
+
+FORMAT = "minigpt-checkpoint"
+VERSION = "1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupted, foreign or incompatible."""
+
+
+# --------------------------------------------------------------------------- RNG
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """All RNG states: tensors (torch CPU/CUDA) and JSON-able ones (python, numpy)."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    meta = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+    }
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    py_version, py_state, py_gauss = meta["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = meta["numpy"]
+    np.random.set_state((np_name, np.array(np_keys, dtype=np.uint32), np_pos, np_has_gauss, np_gauss))
+
+
+# --------------------------------------------------------------------------- payload hash
+def _payload_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names and raw bytes, so a flipped bit anywhere is caught on load."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        digest.update(name.encode())
+        digest.update(str(t.dtype).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- save / load
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Model weights without aliases (a tied head shares the embedding's storage)."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        out[name] = t.detach().cpu().contiguous()
+    return out
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    state: dict[str, Any]) -> None:
+    """Write model, optimizer, RNG and `state` (JSON-able) atomically to `path`."""
+    tensors = {f"model.{k}": v for k, v in model_tensors(model).items()}
+    optim_meta = None
+    if optimizer is not None:
+        osd = optimizer.state_dict()
+        for pid, pstate in osd["state"].items():
+            for key, value in pstate.items():
+                tensors[f"optim.{pid}.{key}"] = value.detach().cpu().contiguous()
+        optim_meta = osd["param_groups"]
+    rng_tensors, rng_meta = rng_state()
+    tensors.update(rng_tensors)
+    metadata = {
+        "format": FORMAT,
+        "version": VERSION,
+        "state": json.dumps(state),
+        "optimizer_param_groups": json.dumps(optim_meta),
+        "rng": json.dumps(rng_meta),
+        "payload_sha256": _payload_digest(tensors),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a verified checkpoint, or a `CheckpointError` saying what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {path}: not a readable safetensors file ({err})") from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: not a minigpt checkpoint (format={metadata.get('format')!r})")
+    if metadata.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path}: format version {metadata.get('version')!r}, expected {VERSION!r}")
+    if _payload_digest(tensors) != metadata.get("payload_sha256"):
+        raise CheckpointError(f"checkpoint {path}: contents do not match their sha256 (corrupted file)")
+    return tensors, metadata
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None,
+                    restore_rng: bool = False) -> dict[str, Any]:
+    """Load weights (and optionally optimizer and RNG state) into place; return the saved `state`."""
+    tensors, metadata = read_checkpoint(path)
+    weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # shape mismatch: a checkpoint of another model size
+        raise CheckpointError(f"checkpoint {path}: does not fit this model ({str(err).splitlines()[-1].strip()})") from None
+    aliased = {n for n in missing if _is_alias(model, n, weights)}
+    if set(missing) - aliased or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path}: does not fit this model (missing {sorted(set(missing) - aliased)}, "
+            f"unexpected {sorted(unexpected)})"
+        )
+    if optimizer is not None:
+        groups = json.loads(metadata["optimizer_param_groups"])
+        if groups is None:
+            raise CheckpointError(f"checkpoint {path}: holds no optimizer state")
+        per_param: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, pid, name = key.split(".", 2)
+                per_param.setdefault(int(pid), {})[name] = value
+        optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    if restore_rng:
+        set_rng_state({k: v for k, v in tensors.items() if k.startswith("rng.")}, json.loads(metadata["rng"]))
+    return json.loads(metadata["state"])
+
+
+def _is_alias(model: torch.nn.Module, name: str, weights: dict[str, torch.Tensor]) -> bool:
+    """True if parameter `name` shares storage with one that the checkpoint does hold."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if name not in params:
+        return False
+    return any(params[name] is params.get(other) for other in weights)

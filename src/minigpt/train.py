@@ -1,0 +1,364 @@
+"""Pretraining loop: AdamW, warmup + cosine LR, clipping, accumulation, eval, checkpoints, DDP.
+
+Read `train()` top to bottom: build the optimizer, maybe resume, then loop
+(micro-batches -> clip -> step -> log -> evaluate -> checkpoint) until a budget ends.
+Resuming is exact: a checkpoint carries every RNG state and the data position,
+so `N/2 + resume + N/2` steps give bit-identical weights to `N` steps on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from minigpt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from minigpt.config import TrainConfig
+from minigpt.flops import flops_per_token, matmul_flops_per_s
+from minigpt.model import GPTModel
+from minigpt.utils import seed_everything
+
+Record = dict[str, Any]
+Callback = Callable[[Record], None]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient became NaN/inf; the last good checkpoint is kept."""
+
+
+class ResumableLoader(Protocol):
+    """What the trainer needs from a data loader (minigpt.data.create_dataloader gives one)."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...  # rest of the current epoch
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# --------------------------------------------------------------------------- distributed
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: torch.device) -> DistContext:
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistContext()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    if ctx.enabled:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value = value / ctx.world_size
+    return value
+
+
+# --------------------------------------------------------------------------- optimizer
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine down to `min_lr`."""
+    decay_steps = cfg.lr_decay_steps or cfg.max_steps
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if step >= decay_steps:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def param_groups(model: GPTModel, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matmul weights only. Biases and LayerNorm gains are 1-D; embedding rows are
+    updated only when their token appears, so decaying every row every step would
+    shrink rare tokens toward zero (a tied head is the token embedding)."""
+    embeddings = {id(model.tok_emb.weight), id(model.pos_emb.weight)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: GPTModel, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # The fused kernel exists on CUDA; elsewhere the default multi-tensor path is fastest.
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+        fused=device.type == "cuda",
+    )
+
+
+# --------------------------------------------------------------------------- evaluation
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: ResumableLoader, device: torch.device, precision: str = "fp32",
+             max_batches: int | None = None, ctx: DistContext = DistContext()) -> float:
+    """Mean loss over the first `max_batches` validation batches (the same ones every call)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=device)
+    count = 0
+    for x, y in loader:
+        if max_batches is not None and count >= max_batches:
+            break
+        with autocast_for(device, precision):
+            total += model(x.to(device), y.to(device)).float()
+        count += 1
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("validation loader yielded no batch: the validation split is too small")
+    return float(_all_reduce_mean(total / count, ctx))
+
+
+# --------------------------------------------------------------------------- state
+@dataclass
+class TrainState:
+    """Counters that a checkpoint restores (model/optimizer/RNG travel beside them)."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    train_time: float = 0.0
+    best_val_loss: float = math.inf
+    evals_without_improvement: int = 0
+    last_val_loss: float | None = None
+    train_loader: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    state: TrainState
+    stop_reason: str
+    last_checkpoint: Path
+    best_checkpoint: Path | None
+    history: list[Record]
+
+
+def _checkpoint_state(state: TrainState, run_info: dict[str, Any]) -> dict[str, Any]:
+    return {**state.__dict__, "run_info": run_info}
+
+
+def _resume_path(cfg: TrainConfig, out_dir: Path) -> Path | None:
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        last = out_dir / "last.safetensors"
+        return last if last.exists() else None
+    path = Path(cfg.resume)
+    if not path.exists():
+        raise CheckpointError(f"train.resume: checkpoint {path} does not exist")
+    return path
+
+
+def _check_same_data(saved: dict[str, Any], run_info: dict[str, Any], path: Path) -> None:
+    """Refuse to continue a run on different data or tokenizer: the curves would lie."""
+    for key in ("data_sha256", "tokenizer_sha256"):
+        old, new = saved.get("run_info", {}).get(key), run_info.get(key)
+        if old and new and old != new:
+            raise CheckpointError(f"checkpoint {path}: trained with {key}={old[:12]}…, this run has {new[:12]}…")
+
+
+# --------------------------------------------------------------------------- loop
+def train(
+    model: GPTModel,
+    cfg: TrainConfig,
+    train_loader: ResumableLoader,
+    val_loader: ResumableLoader,
+    out_dir: str | Path,
+    *,
+    callbacks: tuple[Callback, ...] = (),
+    run_info: dict[str, Any] | None = None,
+    device: torch.device | None = None,
+    ctx: DistContext = DistContext(),
+    max_length: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train `model` until `max_steps`/`max_tokens`/`max_time` or early stopping.
+
+    Writes `last.safetensors` (every `checkpoint_interval` steps and at the end) and
+    `best.safetensors` (lowest validation loss) into `out_dir`, from rank 0 only.
+    Each record (`kind` = "train" or "eval") is passed to every callback on rank 0.
+    """
+    out_dir = Path(out_dir)
+    run_info = run_info or {}
+    device = device or next(model.parameters()).device
+    model.to(device)
+    model.loss_chunk_size = cfg.loss_chunk_size
+    accum_steps = cfg.global_batch_size // (cfg.micro_batch_size * ctx.world_size)
+    if accum_steps * cfg.micro_batch_size * ctx.world_size != cfg.global_batch_size:
+        raise ValueError(
+            f"train.global_batch_size: {cfg.global_batch_size} is not a multiple of "
+            f"micro_batch_size ({cfg.micro_batch_size}) x processes ({ctx.world_size})"
+        )
+
+    optimizer = build_optimizer(model, cfg, device)
+    state = TrainState()
+    seed_everything(cfg.seed + ctx.rank)  # dropout masks differ per rank, as they should
+    resume_from = _resume_path(cfg, out_dir)
+    if resume_from is not None:
+        saved = load_checkpoint(resume_from, model, optimizer, restore_rng=True)
+        _check_same_data(saved, run_info, resume_from)
+        state = TrainState(**{k: v for k, v in saved.items() if k != "run_info"})
+        train_loader.load_state_dict(state.train_loader)
+
+    runner: torch.nn.Module = model
+    if cfg.compile:
+        runner = torch.compile(model)
+    if ctx.enabled:
+        runner = DistributedDataParallel(runner, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
+
+    seq_len = max_length or model.cfg.context_length
+    tokens_per_step = cfg.global_batch_size * seq_len
+    flops_token = flops_per_token(model, seq_len)
+    peak_flops = matmul_flops_per_s(torch.bfloat16 if cfg.precision == "bf16" else torch.float32, device)
+    checkpoint_interval = cfg.checkpoint_interval or cfg.eval_interval
+    last_path, best_path = out_dir / "last.safetensors", out_dir / "best.safetensors"
+    history: list[Record] = []
+
+    def emit(record: Record) -> None:
+        if ctx.is_main:
+            history.append(record)
+            for callback in callbacks:
+                callback(record)
+
+    saved_last_at = state.step
+
+    def save(path: Path) -> None:
+        nonlocal saved_last_at
+        state.train_loader = train_loader.state_dict()
+        if path == last_path:
+            saved_last_at = state.step
+        if ctx.is_main:
+            save_checkpoint(path, model, optimizer, _checkpoint_state(state, run_info))
+
+    batches = _endless(train_loader)
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="pretrain", unit="step",
+               disable=not (progress and ctx.is_main), dynamic_ncols=True)
+    stop_reason = "max_steps"
+    window_start, window_tokens = time.perf_counter(), 0
+    model.train()
+    while True:
+        if state.step >= cfg.max_steps:
+            stop_reason = "max_steps"
+            break
+        if cfg.max_tokens is not None and state.tokens_seen >= cfg.max_tokens:
+            stop_reason = "max_tokens"
+            break
+        if cfg.max_time is not None and state.train_time >= cfg.max_time:
+            stop_reason = "max_time"
+            break
+
+        step_start = time.perf_counter()
+        lr = lr_at(state.step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum_steps):
+            x, y = next(batches)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            # Only the last micro-batch all-reduces gradients; the others just accumulate.
+            sync = not ctx.enabled or micro == accum_steps - 1
+            with (contextlib.nullcontext() if sync else runner.no_sync()), autocast_for(device, cfg.precision):
+                loss = runner(x, y) / accum_steps
+            loss.backward()
+            loss_sum += loss.detach().float()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        loss_value = float(_all_reduce_mean(loss_sum, ctx))
+        if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+            bar.close()
+            raise TrainingDiverged(
+                f"step {state.step + 1}: train loss is {loss_value}, grad norm {float(grad_norm)}; "
+                f"stopped without applying the update. Last good checkpoint: "
+                f"{last_path if last_path.exists() else 'none yet'}. Try a lower train.lr or train.grad_clip."
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.tokens_seen += tokens_per_step
+        state.train_time += time.perf_counter() - step_start
+        window_tokens += tokens_per_step
+        bar.update(1)
+
+        if state.step % cfg.log_interval == 0 or state.step == cfg.max_steps:
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = window_tokens / elapsed
+            emit({
+                "kind": "train", "step": state.step, "tokens": state.tokens_seen,
+                "train_loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_token / peak_flops,
+            })
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+            window_start, window_tokens = time.perf_counter(), 0
+
+        if state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps:
+            val_loss = evaluate(model, val_loader, device, cfg.precision, cfg.eval_batches, ctx)
+            state.last_val_loss = val_loss
+            improved = val_loss < state.best_val_loss - cfg.min_delta
+            if improved:
+                state.best_val_loss = val_loss
+                state.evals_without_improvement = 0
+                save(best_path)
+            else:
+                state.evals_without_improvement += 1
+            emit({
+                "kind": "eval", "step": state.step, "tokens": state.tokens_seen, "val_loss": val_loss,
+                "val_perplexity": math.exp(min(val_loss, 50.0)), "best_val_loss": state.best_val_loss,
+            })
+            if cfg.patience is not None and state.evals_without_improvement >= cfg.patience:
+                stop_reason = "early_stopping"
+                break
+            # The timer restarts so evaluation time does not count against tokens/s.
+            window_start, window_tokens = time.perf_counter(), 0
+
+        if state.step % checkpoint_interval == 0:
+            save(last_path)
+
+    if saved_last_at != state.step or not last_path.exists():
+        save(last_path)
+    bar.close()
+    if ctx.enabled:
+        dist.barrier()
+    return TrainResult(state, stop_reason, last_path, best_path if best_path.exists() else None, history)
+
+
+def _endless(loader: ResumableLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches across epochs: each `iter(loader)` serves the rest of the current epoch.
+
+    One empty pass is normal (a run resumed exactly at an epoch's end); two in a row
+    mean the split holds less than one batch.
+    """
+    empty_passes = 0
+    while empty_passes < 2:
+        empty_passes += 1
+        for batch in loader:
+            empty_passes = 0
+            yield batch
+    raise ValueError("training loader yielded no batch: the training split is smaller than one batch")
