@@ -164,3 +164,20 @@ def _is_alias(model: torch.nn.Module, name: str, weights: dict[str, torch.Tensor
     if name not in params:
         return False
     return any(params[name] is params.get(other) for other in weights)
+
+
+def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
+    """The saved `state` (step, run info, ...) from the header alone, without loading tensors.
+
+    For deciding whether to resume; `load_checkpoint` still verifies the whole file.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {path}: not a readable safetensors file ({err})") from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: not a minigpt checkpoint (format={metadata.get('format')!r})")
+    return json.loads(metadata["state"])

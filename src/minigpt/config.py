@@ -189,3 +189,57 @@ class TrainConfig(StrictModel):
                 f"micro_batch_size ({self.micro_batch_size})"
             )
         return self
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+class EvalConfig(StrictModel):
+    """Final evaluation of the best checkpoint."""
+
+    batch_size: int = Field(16, gt=0)
+    val_batches: int | None = Field(None, gt=0, description="null = the whole validation split")
+    train_batches: int | None = Field(50, gt=0, description="train-split batches; null = all")
+
+
+class SampleConfig(StrictModel):
+    """Text generated from the trained model for a human to read."""
+
+    prompts: list[str] = Field(default_factory=lambda: ["ROMEO:"], min_length=1)
+    max_new_tokens: int = Field(200, gt=0)
+    temperatures: list[float] = Field(default_factory=lambda: [0.0, 0.8], min_length=1)
+    top_k: int | None = Field(None, gt=0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int = 1337
+
+    @model_validator(mode="after")
+    def _non_negative_temperatures(self) -> SampleConfig:
+        bad = [t for t in self.temperatures if t < 0]
+        if bad:
+            raise ValueError(f"temperatures: must be >= 0, got {bad}")
+        return self
+
+
+class TrackingConfig(StrictModel):
+    """Where and how runs are recorded in MLflow."""
+
+    experiment: str = Field("minigpt", min_length=1)
+    run_name: str | None = None
+    log_model: bool = True
+    register_model: str | None = Field(None, description="register the logged model under this name")
+
+
+class PipelineConfig(StrictModel):
+    """The whole of params.yaml, with the checks that span sections."""
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    eval: EvalConfig
+    sample: SampleConfig
+    tracking: TrackingConfig
+
+    @model_validator(mode="after")
+    def _window_fits_model(self) -> PipelineConfig:
+        check_length_fits(self.data.max_length, self.model.context_length)
+        return self

@@ -1,0 +1,1 @@
+"""DVC stage scripts: read params.yaml, call minigpt, write outputs, log to MLflow."""

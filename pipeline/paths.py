@@ -1,0 +1,19 @@
+"""Where each stage reads and writes (dvc.yaml names the same paths; a test checks)."""
+
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+DOCUMENTS = Path("data/raw/documents.parquet")
+SPLIT_DIR = Path("data/split")
+TOKENS_DIR = Path("data/tokens")
+TRAIN_TOKENS = TOKENS_DIR / "train"
+VAL_TOKENS = TOKENS_DIR / "val"
+CHECKPOINTS = Path("checkpoints")
+REPORTS = Path("reports")
+TRAIN_METRICS = REPORTS / "train.json"
+TRAIN_CURVE = REPORTS / "train_curve.csv"
+TRAIN_CURVE_PNG = REPORTS / "train_curve.png"
+MLFLOW_RUN = REPORTS / "mlflow_run.json"
+EVAL_METRICS = REPORTS / "eval.json"
+SAMPLES_MD = REPORTS / "samples.md"
+SAMPLES_JSON = REPORTS / "samples.json"

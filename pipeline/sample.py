@@ -1,0 +1,62 @@
+"""Stage 6: text from the configured prompts and sampling settings -> reports/samples.{md,json}."""
+
+from __future__ import annotations
+
+import mlflow
+import torch
+
+from minigpt.checkpoint import load_checkpoint
+from minigpt.config import DataConfig, ModelConfig, SampleConfig, TrackingConfig, TrainConfig
+from minigpt.generate import generate
+from minigpt.model import GPTModel
+from minigpt.tokenizer import get_tokenizer
+from minigpt.utils import pick_device, write_text_atomic
+from pipeline import paths
+from pipeline.common import load_sections, stage_main, write_json
+from pipeline.evaluate import best_checkpoint
+from pipeline.run import join_run
+
+
+def to_markdown(samples: list[dict], cfg: SampleConfig, checkpoint: str) -> str:
+    lines = [f"# Samples\n", f"From `{checkpoint}`, {cfg.max_new_tokens} new tokens, "
+             f"top_k={cfg.top_k}, top_p={cfg.top_p}, seed={cfg.seed}.\n"]
+    for s in samples:
+        lines.append(f"## {s['prompt']!r} at temperature {s['temperature']}\n")
+        lines.append("```text\n" + s["text"].replace("```", "` ` `") + "\n```\n")
+    return "\n".join(lines)
+
+
+@stage_main
+def main() -> None:
+    sections = load_sections("model", "data", "train", "sample", "tracking")
+    model_cfg: ModelConfig = sections["model"]
+    data_cfg: DataConfig = sections["data"]
+    cfg: SampleConfig = sections["sample"]
+    tracking: TrackingConfig = sections["tracking"]
+    device = pick_device(sections["train"].device)
+
+    enc = get_tokenizer(data_cfg.tokenizer)
+    model = GPTModel(model_cfg)
+    checkpoint = best_checkpoint()
+    load_checkpoint(checkpoint, model)
+    model.to(device).eval()
+    samples = []
+    for prompt in cfg.prompts:
+        for temperature in cfg.temperatures:
+            # One generator per (prompt, temperature): each sample reproducible on its own.
+            generator = torch.Generator(device=device).manual_seed(cfg.seed)
+            idx = torch.tensor([enc.encode_ordinary(prompt) or [enc.eot_token]], device=device)
+            out = generate(model, idx, cfg.max_new_tokens, temperature=temperature, top_k=cfg.top_k,
+                           top_p=cfg.top_p, eos_id=enc.eot_token, generator=generator)
+            text = enc.decode(out[0].tolist())
+            samples.append({"prompt": prompt, "temperature": temperature, "text": text})
+            print(f"--- {prompt!r} @ T={temperature}\n{text}\n")
+    write_json(paths.SAMPLES_JSON, {"checkpoint": checkpoint, "config": cfg.model_dump(), "samples": samples})
+    write_text_atomic(paths.SAMPLES_MD, to_markdown(samples, cfg, checkpoint))
+    with join_run(tracking):
+        mlflow.log_artifact(str(paths.SAMPLES_MD), artifact_path="reports")
+        mlflow.log_artifact(str(paths.SAMPLES_JSON), artifact_path="reports")
+
+
+if __name__ == "__main__":
+    main()

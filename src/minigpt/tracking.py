@@ -1,0 +1,177 @@
+"""MLflow tracking: where the store lives, one run per pipeline execution, batched metrics.
+
+The training loop knows nothing of MLflow; `MetricLogger` is the callback that
+turns its records into batched `log_batch` calls (one SQLite write per batch,
+not per value: a single write costs 20-35 ms here).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+# MLflow caps a param value at 6000 characters and a batch at 100 params / 1000 metrics.
+_MAX_PARAMS_PER_BATCH = 100
+_MAX_METRICS_PER_BATCH = 1000
+
+
+def tracking_uri(root: Path) -> str:
+    """MLFLOW_TRACKING_URI if set (a team server), else a SQLite store in `root` (absolute)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{root.resolve() / 'mlflow.db'}"
+
+
+def artifact_root(root: Path) -> str:
+    return (root.resolve() / "mlartifacts").as_uri()
+
+
+def ensure_experiment(name: str, root: Path) -> str:
+    """Create (once) the store and the experiment; return the experiment id.
+
+    Two processes creating a fresh SQLite store at the same moment race on the
+    schema ("table already exists"); we retry, and `make sweep` calls this once
+    before the parallel runs start.
+    """
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    for attempt in range(5):
+        try:
+            exp = client.get_experiment_by_name(name)
+            if exp is not None:
+                return exp.experiment_id
+            # A local store gets an absolute artifact location; a server decides its own.
+            location = artifact_root(root) if uri.startswith("sqlite:") else None
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException as err:
+            if attempt == 4 or "already exists" not in str(err):
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise RuntimeError("unreachable")
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'model': {'n_layers': 4}} -> {'model.n_layers': 4}"""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def git_tags(checkout: Path) -> dict[str, str]:
+    """Commit and dirty flag (tracked files only) of the code in `checkout`."""
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(checkout), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return {}
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {"mlflow.source.git.commit": commit, "git.commit": commit, "git.dirty": str(dirty).lower()}
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=items[i:i + _MAX_PARAMS_PER_BATCH])
+
+
+def log_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+class MetricLogger:
+    """Training-loop callback: buffers records and writes them in batches."""
+
+    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 200) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.flush_every = flush_every
+        self.buffer: list[Metric] = []
+
+    def __call__(self, record: Mapping[str, Any]) -> None:
+        step = int(record["step"])
+        now = int(time.time() * 1000)
+        for key, value in record.items():
+            if key in ("kind", "step") or not isinstance(value, (int, float)):
+                continue
+            self.buffer.append(Metric(key, float(value), now, step))
+        if len(self.buffer) >= self.flush_every or record.get("kind") == "eval":
+            self.flush()
+
+    def flush(self) -> None:
+        while self.buffer:
+            chunk, self.buffer = self.buffer[:_MAX_METRICS_PER_BATCH], self.buffer[_MAX_METRICS_PER_BATCH:]
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+
+def open_run(root: Path, experiment: str, *, run_id: str | None = None, run_name: str | None = None,
+             tags: Mapping[str, str] | None = None) -> mlflow.ActiveRun:
+    """Start a run, or reopen `run_id` (a resumed training, or a later stage of the same execution).
+
+    Used as a context manager: leaving it normally marks the run FINISHED, leaving it
+    with an exception marks it FAILED, so a broken stage never looks successful.
+    """
+    experiment_id = ensure_experiment(experiment, root)
+    if run_id is not None:
+        try:
+            MlflowClient().get_run(run_id)
+        except MlflowException:
+            run_id = None  # the store was reset since: record a new run
+    if run_id is not None:
+        return mlflow.start_run(run_id=run_id, tags=dict(tags or {}))
+    return mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags or {}))
+
+
+def log_config(run_id: str, config: Mapping[str, Any]) -> None:
+    """The flattened config as params; keys already logged with another value (a resumed run
+    whose budget grew) become `changed.<key>` tags, since MLflow params are immutable."""
+    client = MlflowClient()
+    existing = client.get_run(run_id).data.params
+    new, changed = {}, {}
+    for key, value in flatten(config).items():
+        text = str(value)[:6000]
+        if key not in existing:
+            new[key] = text
+        elif existing[key] != text:
+            changed[f"changed.{key}"] = text
+    log_params(client, run_id, new)
+    if changed:
+        log_tags(client, run_id, changed)
+
+
+def log_model(model: torch.nn.Module, registered_name: str | None = None) -> None:
+    """Log the model so that `mlflow.pytorch.load_model(uri)` returns a usable `GPTModel`.
+
+    Pickle format keeps the class and its methods (`generate` works on it); the
+    default `pt2` format would freeze input shapes and drop them. Requirements are
+    given, not inferred: inference imports and probes the model, which is slow.
+    """
+    import mlflow.pytorch
+
+    mlflow.pytorch.log_model(
+        model, name="model", serialization_format="pickle",
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "minigpt"],
+        registered_model_name=registered_name,
+    )
