@@ -1,0 +1,175 @@
+"""Windows over memory-mapped shards, and a loader that shuffles, resumes and shards across ranks."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+from minigpt.config import DataConfig
+from minigpt.corpus import DataError
+from minigpt.data import TokenDataset, create_dataloader, create_dataloaders
+from minigpt.shards import write_shards
+
+
+def _shards(path, n_tokens: int, shard_tokens: int = 1000):
+    """A split whose token at position p is p % 50000: a window shows where it starts."""
+    tokens = (np.arange(n_tokens) % 50_000).astype(np.uint16)
+    write_shards(path, [tokens], tokenizer="gpt2", vocab_size=50257, shard_tokens=shard_tokens)
+    return path
+
+
+def _starts(batches) -> list[int]:
+    """Window start of every row of every (inputs, targets) batch."""
+    return [int(v) for inputs, _ in batches for v in inputs[:, 0]]
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+@pytest.mark.parametrize(("n_tokens", "max_length", "stride"), [(1000, 16, 1), (1000, 16, 16), (999, 10, 3), (17, 16, 16)])
+def test_windows_are_exact_and_targets_are_inputs_shifted(tmp_path, n_tokens, max_length, stride):
+    # shard_tokens=64: plenty of windows straddle two shards
+    dataset = TokenDataset(_shards(tmp_path / "t", n_tokens, shard_tokens=64), max_length, stride)
+    stream = np.arange(n_tokens)
+    starts = list(range(0, n_tokens - max_length, stride))  # every start with max_length + 1 tokens left
+    assert len(dataset) == len(starts)
+    for i, start in enumerate(starts):
+        inputs, targets = dataset[i]
+        assert inputs.shape == targets.shape == (max_length,) and inputs.dtype == torch.int64
+        assert inputs.tolist() == stream[start : start + max_length].tolist()
+        assert targets.tolist() == stream[start + 1 : start + max_length + 1].tolist()
+    with pytest.raises(IndexError):
+        dataset[len(starts)]
+
+
+def _allocated_while_reading(dataset: TokenDataset) -> int:
+    """Peak bytes allocated (numpy and Python) to build the index and read 200 windows."""
+    tracemalloc.start()
+    try:
+        n = len(dataset)
+        for i in np.linspace(0, n - 1, 200).astype(int):
+            dataset[int(i)]
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_does_not_grow_with_number_of_windows(tmp_path):
+    small = TokenDataset(_shards(tmp_path / "small", 2_000, shard_tokens=1_000_000), 64, stride=1)
+    large = TokenDataset(_shards(tmp_path / "large", 4_000_000, shard_tokens=1_000_000), 64, stride=1)
+    assert len(large) > 1000 * len(small)
+    # Materialised windows would take ~1 KB each here: 4 GB for `large`.
+    assert _allocated_while_reading(large) < 64 * 1024
+    assert _allocated_while_reading(large) < 2 * _allocated_while_reading(small) + 16 * 1024
+
+
+def test_too_few_tokens_says_how_many_are_needed(tmp_path):
+    with pytest.raises(DataError, match=r"t: 16 tokens, but one window needs max_length \+ 1 = 17"):
+        TokenDataset(_shards(tmp_path / "t", 16), max_length=16)
+
+
+def test_max_length_must_fit_the_model(tmp_path):
+    with pytest.raises(DataError, match=r"max_length \(32\) must be <= model.context_length \(16\)"):
+        create_dataloader(_shards(tmp_path / "t", 100), max_length=32, batch_size=1, context_length=16)
+
+
+def test_corpus_too_small_for_one_batch(tmp_path):
+    shards = _shards(tmp_path / "t", 32)  # 3 windows of 8 + 1 tokens at stride 8
+    with pytest.raises(DataError, match=r"32 tokens give 3 windows, but one batch needs 4 window\(s\) on each of 1 rank\(s\), i\.e\. at least 33 tokens"):
+        create_dataloader(shards, max_length=8, batch_size=4)
+    assert len(create_dataloader(shards, max_length=8, batch_size=4, train=False)) == 1  # evaluation keeps it
+
+
+# --------------------------------------------------------------------------- loader
+
+
+@pytest.fixture
+def shards(tmp_path):
+    return _shards(tmp_path / "t", 4 * 100 + 1)  # max_length 4, stride 4: exactly 100 windows
+
+
+def test_each_epoch_is_a_new_permutation_without_repeats(shards):
+    loader = create_dataloader(shards, max_length=4, batch_size=10, seed=0)
+    epochs = [_starts(loader) for _ in range(3)]
+    for starts in epochs:
+        assert sorted(starts) == list(range(0, 400, 4))
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert create_dataloader(shards, max_length=4, batch_size=10, seed=0).state_dict()["epoch"] == 0
+    assert loader.state_dict()["epoch"] == 3
+
+
+def test_drop_last_drops_the_incomplete_batch(shards):
+    loader = create_dataloader(shards, max_length=4, batch_size=8)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 12 and all(inputs.shape == (8, 4) for inputs, _ in batches)
+    assert len(set(_starts(batches))) == 96
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_mid_epoch_gives_the_remaining_batches(shards, num_workers):
+    def make():
+        return create_dataloader(shards, max_length=4, batch_size=8, seed=5, num_workers=num_workers)
+
+    reference = make()
+    uninterrupted = [batch for _ in range(3) for batch in reference]  # epochs 0, 1, 2
+
+    first = make()
+    seen = []
+    for batch in first:  # epoch 0 completely, then 5 batches of epoch 1
+        seen.append(batch)
+    for batch in first:
+        seen.append(batch)
+        if len(seen) == 12 + 5:
+            break  # workers have prefetched beyond this point; the state must not count those
+    state = first.state_dict()
+    assert (state["epoch"], state["position"]) == (1, 5)
+
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = list(resumed) + list(resumed)  # the rest of epoch 1, then all of epoch 2
+    assert len(seen) + len(rest) == len(uninterrupted)
+    for (x, y), (x_ref, y_ref) in zip(seen + rest, uninterrupted):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+
+def test_state_from_a_different_loader_is_refused(shards):
+    state = create_dataloader(shards, max_length=4, batch_size=8).state_dict()
+    with pytest.raises(DataError, match="saved with batch_size=8 but this loader has batch_size=4"):
+        create_dataloader(shards, max_length=4, batch_size=4).load_state_dict(state)
+
+
+def test_ddp_ranks_get_disjoint_windows_and_equal_batch_counts(tmp_path):
+    shards = _shards(tmp_path / "t", 4 * 101 + 1)  # 101 windows: one is left out so ranks stay equal
+    ranks = [
+        create_dataloader(shards, max_length=4, batch_size=5, seed=3, rank=r, world_size=2) for r in range(2)
+    ]
+    assert len(ranks[0]) == len(ranks[1]) == 10
+    for _ in range(2):  # two epochs
+        starts = [_starts(loader) for loader in ranks]
+        assert len(starts[0]) == len(starts[1]) == 50
+        assert not set(starts[0]) & set(starts[1])
+        assert len(set(starts[0])) == 50
+
+
+def test_validation_loader_is_deterministic(shards):
+    val = create_dataloader(shards, max_length=4, batch_size=8, train=False, seed=9)
+    first = list(val)
+    assert len(first) == 13 and first[-1][0].shape == (4, 4)  # nothing dropped
+    for batch in val:  # an evaluation that stops early ...
+        break
+    again = list(val)  # ... does not shift the next one
+    assert len(again) == len(first)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again))
+    assert sorted(_starts(first)) == list(range(0, 400, 4))
+
+
+def test_loaders_from_config(tmp_path):
+    train_dir, val_dir = _shards(tmp_path / "train", 1000), _shards(tmp_path / "val", 200)
+    cfg = DataConfig(max_length=16, stride=8, batch_size=4)
+    train, val = create_dataloaders(cfg, train_dir, val_dir, context_length=16)
+    assert train.dataset.stride == 8 and val.dataset.stride == 16  # validation scores each token once
+    inputs, targets = next(iter(train))
+    assert inputs.shape == targets.shape == (4, 16)

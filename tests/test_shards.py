@@ -1,0 +1,154 @@
+"""Token shards: exact round trip through the tokenizer, and a reader that refuses bad files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from minigpt import corpus
+from minigpt.config import ShakespeareSource
+from minigpt.corpus import DataError, DocumentWriter, acquire, iter_documents, split_documents
+from minigpt.shards import (
+    HEADER_BYTES,
+    load_manifest,
+    load_tokens,
+    open_shards,
+    read_header,
+    tokenize_split,
+    verify_shards,
+    write_shards,
+)
+from minigpt.tokenizer import EOT_TOKEN, get_tokenizer
+
+DOCS = [
+    "Hello, world",
+    "naïve café — ünïcode ✓ 日本語 🎭",
+    "A document that mentions <|endoftext|> as plain text.",
+    "  leading and trailing whitespace \n\n",
+    "x",
+]
+
+
+def _docs_table(path, texts):
+    with DocumentWriter(path) as writer:
+        for i, text in enumerate(texts):
+            writer.add(i, f"doc{i}", "test", text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return get_tokenizer("gpt2")
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_decode_of_shards_reproduces_documents_with_eot_separators(tmp_path, monkeypatch, enc, num_proc):
+    monkeypatch.setattr(corpus, "ROW_GROUP_BYTES", 40)  # several row groups: the parallel path has work to share
+    docs = _docs_table(tmp_path / "docs.parquet", DOCS * 3)
+    assert pq.ParquetFile(docs).num_row_groups > 1
+    manifest = tokenize_split(docs, tmp_path / "tokens", shard_tokens=7, num_proc=num_proc, progress=False)
+
+    tokens = load_tokens(tmp_path / "tokens")
+    assert enc.decode(tokens.tolist()) == EOT_TOKEN.join(DOCS * 3)
+    # Exactly one real EOT between consecutive documents; the literal text is encoded as text.
+    assert (tokens == enc.eot_token).sum() == len(DOCS) * 3 - 1
+    expected = []
+    for i, text in enumerate(DOCS * 3):
+        expected += ([enc.eot_token] if i else []) + enc.encode_ordinary(text)
+    assert tokens.tolist() == expected
+
+    assert manifest["tokens"] == len(tokens) and manifest["documents"] == len(DOCS) * 3
+    assert [s["tokens"] for s in manifest["shards"]][:-1] == [7] * (len(manifest["shards"]) - 1)
+    assert len(manifest["shards"]) == -(-len(tokens) // 7)
+    for shard in manifest["shards"]:
+        data = (tmp_path / "tokens" / shard["name"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == shard["sha256"]
+        assert read_header(tmp_path / "tokens" / shard["name"]).tokenizer == "gpt2"
+    assert load_manifest(tmp_path / "tokens") == manifest
+    verify_shards(tmp_path / "tokens")
+
+
+def test_default_corpus_round_trip(tmp_path, enc):
+    acquire(ShakespeareSource(), tmp_path / "docs.parquet")
+    split_documents(tmp_path / "docs.parquet", tmp_path / "split", val_fraction=0.1, seed=1337)
+    val = tmp_path / "split" / "val.parquet"
+    manifest = tokenize_split(val, tmp_path / "val", num_proc=1, progress=False)
+    texts = [doc["text"] for doc in iter_documents(val)]
+    assert enc.decode(load_tokens(tmp_path / "val").tolist()) == EOT_TOKEN.join(texts)
+    assert manifest["chars"] == sum(map(len, texts))
+    assert 0.2 < manifest["tokens"] / manifest["chars"] < 0.4  # English prose: ~3-4 characters per token
+
+
+def test_rewriting_replaces_the_whole_directory(tmp_path):
+    write_shards(tmp_path / "t", [np.arange(10, dtype=np.uint16)], tokenizer="gpt2", vocab_size=50257, shard_tokens=3)
+    write_shards(tmp_path / "t", [np.arange(5, dtype=np.uint16)], tokenizer="gpt2", vocab_size=50257, shard_tokens=10)
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["manifest.json", "shard_000000.bin"]
+    assert load_tokens(tmp_path / "t").tolist() == list(range(5))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]  # no temp or old directories left
+
+
+@pytest.fixture
+def shard_dir(tmp_path):
+    write_shards(tmp_path / "t", [np.arange(100, dtype=np.uint16)], tokenizer="gpt2", vocab_size=50257, shard_tokens=60)
+    return tmp_path / "t"
+
+
+def _patch(path, offset, data):
+    raw = bytearray(path.read_bytes())
+    raw[offset : offset + len(data)] = data
+    path.write_bytes(bytes(raw))
+
+
+def test_header_rejects_foreign_file(shard_dir):
+    _patch(shard_dir / "shard_000000.bin", 0, b"NOTMINE!")
+    with pytest.raises(DataError, match=r"shard_000000\.bin: not a minigpt token shard"):
+        open_shards(shard_dir)
+
+
+def test_header_rejects_unknown_version(shard_dir):
+    _patch(shard_dir / "shard_000000.bin", 8, struct.pack("<I", 99))
+    with pytest.raises(DataError, match="format version 99"):
+        open_shards(shard_dir)
+
+
+def test_header_rejects_truncated_body(shard_dir):
+    path = shard_dir / "shard_000001.bin"
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(DataError, match=r"shard_000001\.bin: .*40 tokens need 144 bytes, file has 143 \(truncated\)"):
+        open_shards(shard_dir)
+
+
+def test_header_rejects_truncated_header(shard_dir):
+    path = shard_dir / "shard_000000.bin"
+    path.write_bytes(path.read_bytes()[:10])
+    with pytest.raises(DataError, match=f"truncated shard header \\(10 of {HEADER_BYTES} bytes\\)"):
+        read_header(path)
+
+
+def test_header_must_agree_with_manifest(shard_dir):
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    manifest["shards"][0]["tokens"] = 61
+    (shard_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="disagrees with manifest.json"):
+        open_shards(shard_dir)
+
+
+def test_verify_detects_changed_tokens(shard_dir):
+    _patch(shard_dir / "shard_000000.bin", HEADER_BYTES, b"\xff\xff")
+    open_shards(shard_dir)  # the header cannot see it ...
+    with pytest.raises(DataError, match="sha256 .* does not match"):
+        verify_shards(shard_dir)  # ... the checksum can
+
+
+def test_missing_directory_and_bad_tokenizer(tmp_path):
+    with pytest.raises(DataError, match="no manifest.json"):
+        open_shards(tmp_path)
+    docs = _docs_table(tmp_path / "docs.parquet", ["text"])
+    with pytest.raises(DataError, match="data.tokenizer: unknown tokenizer 'bpe9'"):
+        tokenize_split(docs, tmp_path / "tokens", tokenizer="bpe9", progress=False)
+    assert not (tmp_path / "tokens").exists()
