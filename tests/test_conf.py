@@ -1,0 +1,66 @@
+"""Every config group composes and validates; params.yaml is the composition of conf/."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from minigpt.config import PRESETS, PipelineConfig, format_validation_error
+from pipeline.compose import compose_params
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose(*overrides: str) -> dict:
+    return yaml.safe_load(compose_params(list(overrides), CONF))
+
+
+def test_params_yaml_is_the_composition_of_conf():
+    committed = (ROOT / "params.yaml").read_text()
+    assert yaml.safe_load(committed) == compose(), "params.yaml drifted from conf/: run `make params`"
+    assert committed == compose_params([], CONF)
+
+
+@pytest.mark.parametrize("group", ["model", "data", "train"])
+def test_every_group_option_composes_and_validates(group):
+    options = group_options(group)
+    assert options
+    for option in options:
+        params = compose(f"{group}={option}", *(["data.max_length=128"] if group == "model" else []))
+        PipelineConfig.model_validate(params)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_model_group_equals_library_presets(name):
+    model = compose(f"model={name}")["model"]
+    from minigpt.config import preset_config
+
+    assert model == preset_config(name).model_dump()
+
+
+def test_default_composition_is_the_quick_cpu_run():
+    params = compose()
+    assert params["model"]["emb_dim"] == 128 and params["data"]["source"] == {"kind": "shakespeare"}
+    assert params["train"]["max_steps"] > 0 and params["data"]["max_length"] <= params["model"]["context_length"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lr=-1", "train.lr: Input should be greater than 0"),
+        ("model.n_heads=5", "model: n_heads: emb_dim (128) must be divisible by n_heads (5)"),
+        ("data.max_length=4096", "data.max_length: max_length (4096) must be <= model.context_length (128)"),
+        ("train.precision=fp8", "train.precision: Input should be 'fp32' or 'bf16'"),
+        ("sample.top_p=1.5", "sample.top_p: Input should be less than or equal to 1"),
+    ],
+)
+def test_bad_values_are_named(override, message):
+    with pytest.raises(ValidationError) as err:
+        PipelineConfig.model_validate(compose(override))
+    assert message in format_validation_error(err.value)

@@ -1,0 +1,248 @@
+"""The pipeline end to end: real DVC, real MLflow (SQLite store and a real server), real processes.
+
+Each test works in a temporary git clone of this checkout, with the smoke presets
+(`train=smoke`, `data=shakespeare-mini`: three real plays, six steps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ["train=smoke", "data=shakespeare-mini", "eval.val_batches=4", "eval.train_batches=2",
+         "eval.batch_size=4", "sample.max_new_tokens=8", "sample.prompts=[ROMEO:]"]
+
+
+def clone_checkout(dest: Path) -> Path:
+    """Copy the files git would ship (tracked + untracked-not-ignored) into a new repo."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for name in files:
+        if name.startswith("reports/") or name == "dvc.lock" or not (ROOT / name).is_file():
+            continue
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, dest / name)
+    git(dest, "init", "-q", "-b", "main")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-qm", "clone for the end-to-end test")
+    return dest
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args],
+                          cwd=repo, check=True, capture_output=True, text=True).stdout
+
+
+def env_for(repo: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        PYTHONPATH=str(repo / "src"),  # the clone's library, not this checkout's
+        DO_NOT_TRACK="1", DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true",
+        GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com",
+        OMP_NUM_THREADS="2",
+    )
+    env.update(extra)
+    return env
+
+
+def run(repo: Path, *cmd: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=repo, env=env_for(repo, **env), capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def compose_smoke(repo: Path, *extra: str) -> None:
+    run(repo, sys.executable, "-m", "pipeline.compose", *SMOKE, *extra)
+    git(repo, "commit", "-qam", "smoke params")
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def all_runs(uri: str):
+    c = client(uri)
+    exp = c.get_experiment_by_name("minigpt")
+    return [] if exp is None else c.search_runs([exp.experiment_id])
+
+
+def ran_stages(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A clone that has run `dvc repro` once with the smoke params."""
+    repo = clone_checkout(tmp_path_factory.mktemp("clone"))
+    compose_smoke(repo)
+    proc = run(repo, "dvc", "repro")
+    assert ran_stages(proc.stdout) == ["prepare", "split", "tokenize", "pretrain", "evaluate", "sample"]
+    return repo
+
+
+def test_repro_produces_reports(project):
+    train = json.loads((project / "reports/train.json").read_text())
+    evaluation = json.loads((project / "reports/eval.json").read_text())
+    assert train["steps"] == 6 and train["stop_reason"] == "max_steps"
+    assert 0 < evaluation["val_loss"] < 11.0 and evaluation["val_bits_per_byte"] > 0
+    assert evaluation["val_tokens"] == 4 * 4 * 32  # val_batches x batch_size x max_length
+    samples = json.loads((project / "reports/samples.json").read_text())["samples"]
+    assert [s["temperature"] for s in samples] == [0.0, 0.8]
+    assert all(s["text"].startswith("ROMEO:") for s in samples)
+    assert (project / "checkpoints/best.safetensors").is_file()
+
+
+def test_one_mlflow_run_holds_everything(project):
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    runs = all_runs(uri)
+    assert len(runs) == 1
+    run_ = runs[0]
+    assert run_.info.status == "FINISHED"
+    assert json.loads((project / "reports/mlflow_run.json").read_text())["run_id"] == run_.info.run_id
+    params = run_.data.params
+    assert params["model.n_layers"] == "4" and params["train.max_steps"] == "6"
+    assert params["data.source.max_documents"] == "3" and params["sample.max_new_tokens"] == "8"
+    history = client(uri).get_metric_history(run_.info.run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
+    assert [m.step for m in client(uri).get_metric_history(run_.info.run_id, "val_loss")] == [3, 6]
+    for key in ("lr", "grad_norm", "tokens_per_s", "mfu", "eval.val_loss", "eval.val_bits_per_byte"):
+        assert key in run_.data.metrics
+    tags = run_.data.tags
+    assert tags["git.commit"] == git(project, "rev-parse", "HEAD").strip()
+    assert tags["git.dirty"] == "false"
+    assert len(tags["data.sha256"]) == 64 and len(tags["tokenizer.sha256"]) == 64
+    artifacts = {a.path for d in ("config", "reports", "checkpoint")
+                 for a in client(uri).list_artifacts(run_.info.run_id, d)}
+    assert {"config/params.yaml", "reports/train_curve.png", "reports/eval.json", "reports/samples.md",
+            "checkpoint/best.safetensors"} <= artifacts
+    assert Path(client(uri).get_experiment(run_.info.experiment_id).artifact_location.removeprefix("file://")).is_dir()
+
+
+def test_logged_model_loads_and_generates(project):
+    import mlflow
+
+    from minigpt.generate import generate
+    from minigpt.model import GPTModel
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    run_id = json.loads((project / "reports/mlflow_run.json").read_text())["run_id"]
+    model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    assert isinstance(model, GPTModel)
+    out = generate(model, torch.tensor([[464, 1110]]), 5)
+    assert out.shape == (1, 7)
+
+
+def test_second_repro_is_a_no_op_and_a_sample_param_reruns_only_sample(project):
+    proc = run(project, "dvc", "repro")
+    assert ran_stages(proc.stdout) == []
+    compose_smoke(project, "sample.temperatures=[0.5]")
+    proc = run(project, "dvc", "repro")
+    assert ran_stages(proc.stdout) == ["sample"]
+    assert len(all_runs(f"sqlite:///{project / 'mlflow.db'}")) == 1  # sample joined the same run
+    shown = json.loads(run(project, "dvc", "metrics", "show", "--json").stdout)
+    assert "reports/eval.json" in json.dumps(shown)
+    plots = json.loads(run(project, "dvc", "plots", "show", "--json").stdout)
+    assert "loss" in plots["data"]
+
+
+def test_queued_sweep_runs_in_parallel_and_keeps_every_run(project):
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    before = {r.info.run_id for r in all_runs(uri)}
+    overrides = [arg for o in SMOKE for arg in ("-S", o)]
+    run(project, "dvc", "exp", "run", "--queue", *overrides, "-S", "train.lr=1e-3,3e-3")
+    run(project, "dvc", "queue", "start", "-j", "2")
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = run(project, "dvc", "queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+    new = [r for r in all_runs(uri) if r.info.run_id not in before]
+    assert sorted(r.data.params["train.lr"] for r in new) == ["0.001", "0.003"]
+    for r in new:
+        assert r.info.status == "FINISHED"
+        assert "eval.val_loss" in r.data.metrics and r.data.tags.get("dvc.exp_name")
+        paths_ = {a.path for a in client(uri).list_artifacts(r.info.run_id, "reports")}
+        assert "reports/samples.md" in paths_
+    assert not list((project / ".dvc/tmp/exps").glob("tmp*"))  # temporary copies are gone
+    shown = json.loads(run(project, "dvc", "exp", "show", "--json").stdout)
+    exps = [e for rev in shown for e in (rev.get("experiments") or [])]
+    assert len(exps) == 2
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("train.lr=-1", "train.lr: Input should be greater than 0"),
+     ("model.n_heads=5", "n_heads: emb_dim (128) must be divisible by n_heads (5)")],
+)
+def test_bad_param_fails_the_stage_and_no_run_succeeds(project, override, message):
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    finished = {r.info.run_id for r in all_runs(uri) if r.info.status == "FINISHED"}
+    overrides = [arg for o in SMOKE for arg in ("-S", o)]
+    proc = run(project, "dvc", "exp", "run", *overrides, "-S", override, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+    assert {r.info.run_id for r in all_runs(uri) if r.info.status == "FINISHED"} == finished
+    git(project, "checkout", "--", "params.yaml")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_pipeline_logs_to_a_real_mlflow_server(tmp_path):
+    repo = clone_checkout(tmp_path / "clone")
+    compose_smoke(repo)
+    port = free_port()
+    server_dir = tmp_path / "server"
+    server_dir.mkdir()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{server_dir / 'store.db'}",
+         "--artifacts-destination", str(server_dir / "artifacts"), "--workers", "1"],
+        cwd=server_dir, env=env_for(repo), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise AssertionError("mlflow server did not come up") from None
+                time.sleep(1)
+        run(repo, "dvc", "repro", MLFLOW_TRACKING_URI=url)
+        assert not (repo / "mlflow.db").exists()  # nothing went to the local store
+        runs = all_runs(url)
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        assert "eval.val_loss" in runs[0].data.metrics
+        # Artifacts went through the server (proxied), into its own destination.
+        assert {a.path for a in client(url).list_artifacts(runs[0].info.run_id, "reports")} >= {"reports/eval.json"}
+        assert any((server_dir / "artifacts").rglob("eval.json"))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
