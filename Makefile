@@ -15,13 +15,22 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.minigpt-setup
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-fast run bench clean distclean
+# Stage commands say `python`: put the venv first so DVC runs ours.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+SWEEP ?= -S data=shakespeare-mini -S train.max_steps=200 -S 'train.lr=1e-3,3e-3'
+UI_PORT ?= 5000
+
+.PHONY: help setup test test-fast run params sweep ui bench clean distclean
 
 help:
 	@echo "make setup      create .venv, install torch (CPU) + minigpt[dev], cache the tokenizer"
 	@echo "make test       full test suite (PYTEST_ARGS='...' to pass options)"
 	@echo "make test-fast  tests not marked slow"
-	@echo "make run        run the pipeline (for now: sample from a fresh tiny model)"
+	@echo "make run        run the pipeline (dvc repro) on the default corpus"
+	@echo "make params     compose conf/ into params.yaml (what dvc exp run does)"
+	@echo "make sweep      queue a small hyper-parameter sweep and run it 2 at a time"
+	@echo "make ui         MLflow UI on the local store at http://127.0.0.1:$(UI_PORT)"
 	@echo "make bench      run the benchmarks"
 	@echo "make clean      remove caches and build leftovers (keeps .venv, data, runs)"
 	@echo "make distclean  clean + remove .venv"
@@ -42,7 +51,25 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 run: $(STAMP)
-	$(PY) -m minigpt.demo
+	dvc repro
+	@echo; cat reports/samples.md | head -40; echo
+	dvc metrics show
+
+params: $(STAMP)
+	$(PY) -m pipeline.compose
+
+# The store is created once, before parallel runs race to create it.
+sweep: $(STAMP)
+	$(PY) -m pipeline.run
+	dvc exp run --queue $(SWEEP)
+	dvc queue start -j 2
+	@while dvc queue status | grep -qE 'Queued|Running'; do sleep 10; done
+	dvc queue status
+	dvc exp show --only-changed
+
+ui: $(STAMP)
+	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (Ctrl-C to stop)"
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 bench: $(STAMP)
 	$(PY) -m minigpt.bench
