@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import mlflow
 
-from minigpt.checkpoint import load_checkpoint
 from minigpt.config import DataConfig, EvalConfig, ModelConfig, TrackingConfig, TrainConfig
 from minigpt.data import create_dataloader
 from minigpt.evaluation import score, token_byte_lengths
-from minigpt.model import GPTModel
 from minigpt.tokenizer import get_tokenizer
-from minigpt.utils import pick_device
 from pipeline import paths
-from pipeline.common import load_sections, stage_main, write_json
+from pipeline.common import load_sections, load_trained_model, stage_main, write_json
 from pipeline.run import join_run
-
-
-def best_checkpoint() -> str:
-    best = paths.CHECKPOINTS / "best.safetensors"
-    return str(best if best.exists() else paths.CHECKPOINTS / "last.safetensors")
 
 
 @stage_main
@@ -29,12 +21,9 @@ def main() -> None:
     eval_cfg: EvalConfig = sections["eval"]
     train_cfg: TrainConfig = sections["train"]
     tracking: TrackingConfig = sections["tracking"]
-    device = pick_device(train_cfg.device)
 
-    model = GPTModel(model_cfg)
-    checkpoint = best_checkpoint()
-    state = load_checkpoint(checkpoint, model)
-    model.to(device)
+    model, checkpoint, state = load_trained_model(model_cfg, train_cfg.device)
+    device = next(model.parameters()).device
     token_bytes = token_byte_lengths(get_tokenizer(data_cfg.tokenizer))
     report = {"checkpoint": checkpoint, "step": state["step"]}
     for split, shard_dir, max_batches in (("val", paths.VAL_TOKENS, eval_cfg.val_batches),

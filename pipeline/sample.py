@@ -5,20 +5,17 @@ from __future__ import annotations
 import mlflow
 import torch
 
-from minigpt.checkpoint import load_checkpoint
-from minigpt.config import DataConfig, ModelConfig, SampleConfig, TrackingConfig, TrainConfig
+from minigpt.config import DataConfig, ModelConfig, SampleConfig, TrackingConfig
 from minigpt.generate import generate
-from minigpt.model import GPTModel
 from minigpt.tokenizer import get_tokenizer
-from minigpt.utils import pick_device, write_text_atomic
+from minigpt.utils import write_text_atomic
 from pipeline import paths
-from pipeline.common import load_sections, stage_main, write_json
-from pipeline.evaluate import best_checkpoint
+from pipeline.common import load_sections, load_trained_model, stage_main, write_json
 from pipeline.run import join_run
 
 
 def to_markdown(samples: list[dict], cfg: SampleConfig, checkpoint: str) -> str:
-    lines = [f"# Samples\n", f"From `{checkpoint}`, {cfg.max_new_tokens} new tokens, "
+    lines = ["# Samples\n", f"From `{checkpoint}`, {cfg.max_new_tokens} new tokens, "
              f"top_k={cfg.top_k}, top_p={cfg.top_p}, seed={cfg.seed}.\n"]
     for s in samples:
         lines.append(f"## {s['prompt']!r} at temperature {s['temperature']}\n")
@@ -33,13 +30,10 @@ def main() -> None:
     data_cfg: DataConfig = sections["data"]
     cfg: SampleConfig = sections["sample"]
     tracking: TrackingConfig = sections["tracking"]
-    device = pick_device(sections["train"].device)
 
     enc = get_tokenizer(data_cfg.tokenizer)
-    model = GPTModel(model_cfg)
-    checkpoint = best_checkpoint()
-    load_checkpoint(checkpoint, model)
-    model.to(device).eval()
+    model, checkpoint, _ = load_trained_model(model_cfg, sections["train"].device)
+    device = next(model.parameters()).device
     samples = []
     for prompt in cfg.prompts:
         for temperature in cfg.temperatures:
