@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt.config import DataConfig
 from minigpt.corpus import DataError
-from minigpt.data import TokenDataset, create_dataloader, create_dataloaders
+from minigpt.data import TokenDataset, create_dataloader
 from minigpt.shards import write_shards
 
 
@@ -29,7 +28,9 @@ def _starts(batches) -> list[int]:
 # --------------------------------------------------------------------------- dataset
 
 
-@pytest.mark.parametrize(("n_tokens", "max_length", "stride"), [(1000, 16, 1), (1000, 16, 16), (999, 10, 3), (17, 16, 16)])
+@pytest.mark.parametrize(
+    ("n_tokens", "max_length", "stride"), [(1000, 16, 1), (1000, 16, 16), (999, 10, 3), (17, 16, 16)]
+)
 def test_windows_are_exact_and_targets_are_inputs_shifted(tmp_path, n_tokens, max_length, stride):
     # shard_tokens=64: plenty of windows straddle two shards
     dataset = TokenDataset(_shards(tmp_path / "t", n_tokens, shard_tokens=64), max_length, stride)
@@ -78,7 +79,8 @@ def test_max_length_must_fit_the_model(tmp_path):
 
 def test_corpus_too_small_for_one_batch(tmp_path):
     shards = _shards(tmp_path / "t", 32)  # 3 windows of 8 + 1 tokens at stride 8
-    with pytest.raises(DataError, match=r"32 tokens give 3 windows, but one batch needs 4 window\(s\) on each of 1 rank\(s\), i\.e\. at least 33 tokens"):
+    needs = r"32 tokens give 3 windows, but one batch needs 4 window\(s\) on each of 1 rank\(s\), .* least 33"
+    with pytest.raises(DataError, match=needs):
         create_dataloader(shards, max_length=8, batch_size=4)
     assert len(create_dataloader(shards, max_length=8, batch_size=4, train=False)) == 1  # evaluation keeps it
 
@@ -158,18 +160,8 @@ def test_validation_loader_is_deterministic(shards):
     val = create_dataloader(shards, max_length=4, batch_size=8, train=False, seed=9)
     first = list(val)
     assert len(first) == 13 and first[-1][0].shape == (4, 4)  # nothing dropped
-    for batch in val:  # an evaluation that stops early ...
-        break
+    next(iter(val))  # an evaluation that stops early ...
     again = list(val)  # ... does not shift the next one
     assert len(again) == len(first)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again))
     assert sorted(_starts(first)) == list(range(0, 400, 4))
-
-
-def test_loaders_from_config(tmp_path):
-    train_dir, val_dir = _shards(tmp_path / "train", 1000), _shards(tmp_path / "val", 200)
-    cfg = DataConfig(max_length=16, stride=8, batch_size=4)
-    train, val = create_dataloaders(cfg, train_dir, val_dir, context_length=16)
-    assert train.dataset.stride == 8 and val.dataset.stride == 16  # validation scores each token once
-    inputs, targets = next(iter(train))
-    assert inputs.shape == targets.shape == (4, 16)

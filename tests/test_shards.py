@@ -48,7 +48,9 @@ def enc():
 
 @pytest.mark.parametrize("num_proc", [1, 2])
 def test_decode_of_shards_reproduces_documents_with_eot_separators(tmp_path, monkeypatch, enc, num_proc):
-    monkeypatch.setattr(corpus, "ROW_GROUP_BYTES", 40)  # several row groups: the parallel path has work to share
+    monkeypatch.setattr(
+        corpus, "ROW_GROUP_CHARS", 40
+    )  # several row groups: the parallel path has work to share
     docs = _docs_table(tmp_path / "docs.parquet", DOCS * 3)
     assert pq.ParquetFile(docs).num_row_groups > 1
     manifest = tokenize_split(docs, tmp_path / "tokens", shard_tokens=7, num_proc=num_proc, progress=False)
@@ -85,8 +87,12 @@ def test_default_corpus_round_trip(tmp_path, enc):
 
 
 def test_rewriting_replaces_the_whole_directory(tmp_path):
-    write_shards(tmp_path / "t", [np.arange(10, dtype=np.uint16)], tokenizer="gpt2", vocab_size=50257, shard_tokens=3)
-    write_shards(tmp_path / "t", [np.arange(5, dtype=np.uint16)], tokenizer="gpt2", vocab_size=50257, shard_tokens=10)
+    write_shards(
+        tmp_path / "t", [np.arange(10, dtype=np.uint16)], tokenizer="gpt2", vocab_size=50257, shard_tokens=3
+    )
+    write_shards(
+        tmp_path / "t", [np.arange(5, dtype=np.uint16)], tokenizer="gpt2", vocab_size=50257, shard_tokens=10
+    )
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["manifest.json", "shard_000000.bin"]
     assert load_tokens(tmp_path / "t").tolist() == list(range(5))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]  # no temp or old directories left
@@ -94,7 +100,9 @@ def test_rewriting_replaces_the_whole_directory(tmp_path):
 
 @pytest.fixture
 def shard_dir(tmp_path):
-    write_shards(tmp_path / "t", [np.arange(100, dtype=np.uint16)], tokenizer="gpt2", vocab_size=50257, shard_tokens=60)
+    write_shards(
+        tmp_path / "t", [np.arange(100, dtype=np.uint16)], tokenizer="gpt2", vocab_size=50257, shard_tokens=60
+    )
     return tmp_path / "t"
 
 
@@ -119,7 +127,9 @@ def test_header_rejects_unknown_version(shard_dir):
 def test_header_rejects_truncated_body(shard_dir):
     path = shard_dir / "shard_000001.bin"
     path.write_bytes(path.read_bytes()[:-1])
-    with pytest.raises(DataError, match=r"shard_000001\.bin: .*40 tokens need 144 bytes, file has 143 \(truncated\)"):
+    with pytest.raises(
+        DataError, match=r"shard_000001\.bin: .*40 tokens need 144 bytes, file has 143 \(truncated\)"
+    ):
         open_shards(shard_dir)
 
 
@@ -152,3 +162,16 @@ def test_missing_directory_and_bad_tokenizer(tmp_path):
     with pytest.raises(DataError, match="data.tokenizer: unknown tokenizer 'bpe9'"):
         tokenize_split(docs, tmp_path / "tokens", tokenizer="bpe9", progress=False)
     assert not (tmp_path / "tokens").exists()
+
+
+def test_benchmark_measures_the_stage_in_a_subprocess(tmp_path):
+    from minigpt.bench_data import build_repeated_corpus, measure_loader, measure_tokenize
+
+    docs = _docs_table(tmp_path / "docs.parquet", [t * 2000 for t in DOCS])
+    size = build_repeated_corpus(docs, tmp_path / "big.parquet", target_bytes=1_000_000)
+    assert size >= 1_000_000
+    metrics = measure_tokenize(tmp_path / "big.parquet", tmp_path / "tokens")
+    assert metrics["tokenize.corpus_mb"] == pytest.approx(size / 1e6, rel=0.01)  # mostly ASCII
+    assert metrics["tokenize.mb_per_s"] > 0 and 50 < metrics["tokenize.peak_rss_mb"] < 2048
+    assert metrics["tokenize.tokens"] == load_manifest(tmp_path / "tokens")["tokens"]
+    assert measure_loader(tmp_path / "tokens", batches=10, max_length=16) > 0

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from minigpt.utils import atomic_path
 
 FORMAT = "minigpt-checkpoint"
-VERSION = "1"
+VERSION = "2"  # 2: the payload sha256 also covers the metadata (step, optimizer groups, RNG)
 
 
 class CheckpointError(ValueError):
@@ -56,13 +56,17 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
 
 
 # --------------------------------------------------------------------------- payload hash
-def _payload_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over names and raw bytes, so a flipped bit anywhere is caught on load."""
+def _payload_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sha256 over every tensor (name, dtype, shape, raw bytes) and every metadata entry,
+    so a flipped bit anywhere is caught on load: in the weights, but also in the step,
+    the optimizer's lr or the RNG state, which safetensors itself stores unchecked."""
     digest = hashlib.sha256()
+    for key in sorted(metadata):
+        if key != "payload_sha256":
+            digest.update(f"{key}\0{metadata[key]}\0".encode())
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
-        digest.update(name.encode())
-        digest.update(str(t.dtype).encode())
+        digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
@@ -99,8 +103,8 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         "state": json.dumps(state),
         "optimizer_param_groups": json.dumps(optim_meta),
         "rng": json.dumps(rng_meta),
-        "payload_sha256": _payload_digest(tensors),
     }
+    metadata["payload_sha256"] = _payload_digest(tensors, metadata)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
@@ -118,11 +122,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"checkpoint {path}: not a readable safetensors file ({err})") from None
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path}: not a minigpt checkpoint (format={metadata.get('format')!r})")
-    if metadata.get("version") != VERSION:
-        raise CheckpointError(f"checkpoint {path}: format version {metadata.get('version')!r}, expected {VERSION!r}")
-    if _payload_digest(tensors) != metadata.get("payload_sha256"):
+    _check_format(path, metadata)
+    if _payload_digest(tensors, metadata) != metadata.get("payload_sha256"):
         raise CheckpointError(f"checkpoint {path}: contents do not match their sha256 (corrupted file)")
     return tensors, metadata
 
@@ -178,6 +179,16 @@ def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"checkpoint {path}: not a readable safetensors file ({err})") from None
+    _check_format(path, metadata)
+    try:
+        return json.loads(metadata["state"])
+    except (KeyError, json.JSONDecodeError) as err:  # unverified header: a corrupted file says so
+        raise CheckpointError(f"checkpoint {path}: unreadable state in the header ({err!r})") from None
+
+
+def _check_format(path: str | Path, metadata: dict[str, str]) -> None:
+    """Ours, and of this version: an older layout would be misread, not resumed."""
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path}: not a minigpt checkpoint (format={metadata.get('format')!r})")
-    return json.loads(metadata["state"])
+    if metadata.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path}: format version {metadata.get('version')!r}, expected {VERSION!r}")

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
 from minigpt.config import FilesSource, ShakespeareSource, SourceConfig, TableSource, UrlSource
 from minigpt.tokenizer import cache_dir
@@ -446,14 +447,15 @@ _READERS = {
 }
 
 
-def acquire(source: SourceConfig, out_path: str | Path) -> int:
+def acquire(source: SourceConfig, out_path: str | Path, *, progress: bool = True) -> int:
     """Read every document of `source` into a document table at `out_path`; return how many.
 
     Empty documents are skipped (they would only add a separator token); a source
     with none left is an error.
     """
-    with atomic_file(out_path) as part, DocumentWriter(part) as writer:
-        for title, origin, text in _READERS[type(source)](source):
+    documents = tqdm(_READERS[type(source)](source), desc="acquire", unit="doc", disable=not progress)
+    with atomic_file(out_path) as part, DocumentWriter(part) as writer, documents:
+        for title, origin, text in documents:
             if text:
                 writer.add(writer.count, title, origin, text)
         if writer.count == 0:
@@ -489,10 +491,15 @@ def choose_val_documents(chars: Sequence[int], val_fraction: float, seed: int) -
     return is_val
 
 
-def _split_by_documents(docs_path: Path, out_dir: Path, is_val: dict[int, bool]) -> list[dict]:
+def _split_by_documents(
+    docs_path: Path, out_dir: Path, is_val: dict[int, bool], progress: bool
+) -> list[dict]:
     rows = []
+    documents = tqdm(
+        iter_documents(docs_path), desc="split", unit="doc", total=len(is_val), disable=not progress
+    )
     with DocumentWriter(out_dir / "train.parquet") as train, DocumentWriter(out_dir / "val.parquet") as val:
-        for doc in iter_documents(docs_path):
+        for doc in documents:
             split = "val" if is_val[doc["id"]] else "train"
             (val if split == "val" else train).add(doc["id"], doc["title"], doc["source"], doc["text"])
             rows.append(
@@ -525,7 +532,7 @@ def _split_by_characters(docs_path: Path, out_dir: Path, val_fraction: float) ->
 
 
 def split_documents(
-    docs_path: str | Path, out_dir: str | Path, val_fraction: float, seed: int
+    docs_path: str | Path, out_dir: str | Path, val_fraction: float, seed: int, *, progress: bool = True
 ) -> pd.DataFrame:
     """Split a document table into `out_dir/{train,val}.parquet` + `out_dir/manifest.csv`.
 
@@ -546,7 +553,8 @@ def split_documents(
             rows = _split_by_characters(docs_path, tmp, val_fraction)
         else:
             mask = choose_val_documents(index["chars"], val_fraction, seed)
-            rows = _split_by_documents(docs_path, tmp, dict(zip(index["id"].tolist(), mask.tolist())))
+            is_val = dict(zip(index["id"].tolist(), mask.tolist()))
+            rows = _split_by_documents(docs_path, tmp, is_val, progress)
         manifest = pd.DataFrame(rows)
         manifest.to_csv(tmp / "manifest.csv", index=False)
     return manifest

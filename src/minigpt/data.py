@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from minigpt.config import DataConfig, check_length_fits
+from minigpt.config import check_length_fits
 from minigpt.corpus import DataError
 from minigpt.shards import load_manifest, open_shards
 
@@ -27,7 +27,6 @@ __all__ = [
     "TokenDataset",
     "WindowBatchSampler",
     "create_dataloader",
-    "create_dataloaders",
 ]
 
 
@@ -44,7 +43,9 @@ class TokenDataset(Dataset):
         self.max_length = max_length
         self.stride = stride if stride is not None else max_length
         if max_length < 1 or self.stride < 1:
-            raise DataError(f"data.max_length and data.stride must be >= 1, got {max_length} and {self.stride}")
+            raise DataError(
+                f"data.max_length and data.stride must be >= 1, got {max_length} and {self.stride}"
+            )
         counts = [entry["tokens"] for entry in load_manifest(self.shard_dir)["shards"]]
         self._offsets = np.cumsum([0, *counts])  # where each shard starts in the stream
         self.num_tokens = int(self._offsets[-1])
@@ -95,7 +96,14 @@ class WindowBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(
-        self, num_windows: int, batch_size: int, *, seed: int, drop_last: bool, rank: int = 0, world_size: int = 1
+        self,
+        num_windows: int,
+        batch_size: int,
+        *,
+        seed: int,
+        drop_last: bool,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
@@ -141,7 +149,9 @@ class ResumableDataLoader(DataLoader):
     fixed order from the start every time it is iterated.
     """
 
-    def __init__(self, dataset: TokenDataset, batch_sampler: WindowBatchSampler, *, train: bool, num_workers: int = 0):
+    def __init__(
+        self, dataset: TokenDataset, batch_sampler: WindowBatchSampler, *, train: bool, num_workers: int = 0
+    ):
         super().__init__(
             dataset, batch_sampler=batch_sampler, num_workers=num_workers, persistent_workers=num_workers > 0
         )
@@ -220,30 +230,3 @@ def create_dataloader(
             f"(max_length {max_length}, stride {dataset.stride})"
         )
     return ResumableDataLoader(dataset, sampler, train=train, num_workers=num_workers)
-
-
-def create_dataloaders(
-    cfg: DataConfig,
-    train_dir: str | Path,
-    val_dir: str | Path,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    context_length: int | None = None,
-) -> tuple[ResumableDataLoader, ResumableDataLoader]:
-    """The training and validation loaders described by a `DataConfig`.
-
-    Validation windows never overlap (stride = max_length), so each token is scored once.
-    """
-    common = dict(
-        max_length=cfg.max_length,
-        batch_size=cfg.batch_size,
-        seed=cfg.shuffle_seed,
-        num_workers=cfg.num_workers,
-        rank=rank,
-        world_size=world_size,
-        context_length=context_length,
-    )
-    train = create_dataloader(train_dir, train=True, stride=cfg.window_stride, **common)
-    val = create_dataloader(val_dir, train=False, stride=cfg.max_length, **common)
-    return train, val

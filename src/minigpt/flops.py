@@ -24,26 +24,28 @@ def flops_per_token(model: GPTModel, seq_len: int) -> float:
 
 @functools.lru_cache(maxsize=None)
 def matmul_flops_per_s(dtype: torch.dtype, device: torch.device | str = "cpu", size: int = 1024,
-                       seconds: float = 0.3) -> float:
+                       seconds: float = 0.3, shape: tuple[int, int, int] | None = None) -> float:
     """Achieved FLOP/s of a square matmul in `dtype`: the yardstick MFU is measured against.
 
     This CPU has no published peak for our thread count, so we measure one; on CUDA
-    the same measurement gives a realistic (below datasheet) ceiling.
+    the same measurement gives a realistic (below datasheet) ceiling. `shape=(m, k, n)`
+    measures `(m, k) @ (k, n)` instead of `size`-square (the benchmark uses a model's shapes).
     """
     device = torch.device(device)
+    m, k, n = shape or (size, size, size)
     # A private generator: measuring must not shift the global RNG a training run depends on.
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=gen).to(device, dtype)
-    b = torch.randn(size, size, generator=gen).to(device, dtype)
+    a = torch.randn(m, k, generator=gen).to(device, dtype)
+    b = torch.randn(k, n, generator=gen).to(device, dtype)
     for _ in range(3):  # warm up kernels and caches
         a @ b
     _sync(device)
-    n, start = 0, time.perf_counter()
+    calls, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
-        n += 1
+        calls += 1
     _sync(device)
-    return 2.0 * size**3 * n / (time.perf_counter() - start)
+    return 2.0 * m * k * n * calls / (time.perf_counter() - start)
 
 
 def _sync(device: torch.device) -> None:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from minigpt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from minigpt.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_state, save_checkpoint
 from minigpt.config import TrainConfig
 from minigpt.flops import flops_per_token, matmul_flops_per_s
 from minigpt.model import GPTModel
@@ -75,6 +75,17 @@ def _all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value = value / ctx.world_size
     return value
+
+
+def _on_any_rank(flag: bool, ctx: DistContext, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on one. Each rank measures its own time, so
+    without this one rank could stop at `max_time` while the others wait forever in the
+    next step's all-reduce."""
+    if not ctx.enabled:
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -224,8 +235,9 @@ def train(
     seed_everything(cfg.seed + ctx.rank)  # dropout masks differ per rank, as they should
     resume_from = _resume_path(cfg, out_dir)
     if resume_from is not None:
+        # Check the data from the header first, so a refused checkpoint leaves model and RNG untouched.
+        _check_same_data(read_checkpoint_state(resume_from), run_info, resume_from)
         saved = load_checkpoint(resume_from, model, optimizer, restore_rng=True)
-        _check_same_data(saved, run_info, resume_from)
         state = TrainState(**{k: v for k, v in saved.items() if k != "run_info"})
         train_loader.load_state_dict(state.train_loader)
 
@@ -240,6 +252,11 @@ def train(
     flops_token = flops_per_token(model, seq_len)
     peak_flops = matmul_flops_per_s(torch.bfloat16 if cfg.precision == "bf16" else torch.float32, device)
     checkpoint_interval = cfg.checkpoint_interval or cfg.eval_interval
+    # `eval_batches` counts batches of the whole evaluation, shared out between the ranks: each
+    # rank's loader serves every world_size-th window, so 2 ranks x eval_batches/2 score the same
+    # windows as one process x eval_batches, and val loss (so best/early stopping) does not
+    # depend on the number of processes.
+    eval_batches = None if cfg.eval_batches is None else math.ceil(cfg.eval_batches / ctx.world_size)
     last_path, best_path = out_dir / "last.safetensors", out_dir / "best.safetensors"
     history: list[Record] = []
 
@@ -251,8 +268,18 @@ def train(
 
     saved_last_at = state.step
 
+    def diverged(step: int, what: str) -> TrainingDiverged:
+        """The error for a run gone NaN/inf. Nothing non-finite is ever saved, so `last` is good."""
+        bar.close()
+        kept = f"Last good checkpoint: {last_path}" if last_path.exists() else "No checkpoint was written yet"
+        return TrainingDiverged(f"step {step}: {what}. {kept}. Try a lower train.lr or train.grad_clip.")
+
     def save(path: Path) -> None:
         nonlocal saved_last_at
+        # Finite losses do not imply finite weights: the update after the last checked loss
+        # can overflow. A checkpoint of such weights must not replace the last good one.
+        if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
+            raise diverged(state.step, "the weights hold NaN/inf after the update")
         state.train_loader = train_loader.state_dict()
         if path == last_path:
             saved_last_at = state.step
@@ -272,7 +299,7 @@ def train(
         if cfg.max_tokens is not None and state.tokens_seen >= cfg.max_tokens:
             stop_reason = "max_tokens"
             break
-        if cfg.max_time is not None and state.train_time >= cfg.max_time:
+        if cfg.max_time is not None and _on_any_rank(state.train_time >= cfg.max_time, ctx, device):
             stop_reason = "max_time"
             break
 
@@ -282,7 +309,11 @@ def train(
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum_steps):
-            x, y = next(batches)
+            # A DataLoader draws a seed from the global RNG whenever it starts an epoch, so a
+            # run resumed mid-epoch would draw once more than the uninterrupted one and get
+            # other dropout masks. Fetching under fork_rng keeps the loader off that RNG.
+            with torch.random.fork_rng(devices=[]):
+                x, y = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             # Only the last micro-batch all-reduces gradients; the others just accumulate.
             sync = not ctx.enabled or micro == accum_steps - 1
@@ -293,12 +324,8 @@ def train(
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
         loss_value = float(_all_reduce_mean(loss_sum, ctx))
         if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
-            bar.close()
-            raise TrainingDiverged(
-                f"step {state.step + 1}: train loss is {loss_value}, grad norm {float(grad_norm)}; "
-                f"stopped without applying the update. Last good checkpoint: "
-                f"{last_path if last_path.exists() else 'none yet'}. Try a lower train.lr or train.grad_clip."
-            )
+            raise diverged(state.step + 1, f"train loss is {loss_value}, grad norm {float(grad_norm)}; "
+                                           f"stopped without applying the update")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
@@ -319,7 +346,9 @@ def train(
             window_start, window_tokens = time.perf_counter(), 0
 
         if state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps:
-            val_loss = evaluate(model, val_loader, device, cfg.precision, cfg.eval_batches, ctx)
+            val_loss = evaluate(model, val_loader, device, cfg.precision, eval_batches, ctx)
+            if not math.isfinite(val_loss):  # these weights are broken: stop before saving them
+                raise diverged(state.step, f"validation loss is {val_loss}")
             state.last_val_loss = val_loss
             improved = val_loss < state.best_val_loss - cfg.min_delta
             if improved:

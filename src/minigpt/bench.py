@@ -1,0 +1,437 @@
+"""Benchmarks of this machine, the model, sampling, training and the data stages.
+
+    python -m minigpt.bench [--quick] [--only hw,model,train,data] [--out reports/bench.json]
+
+Prints a table and merges its keys into `reports/bench.json` (written atomically, so
+sections can be run separately and a crash never leaves half a file):
+
+    hw.fp32_matmul_gflops, hw.bf16_matmul_gflops   best matmul FLOP/s over square and
+                                                   gpt2-small shapes: the MFU yardsticks
+    model.fwd_bwd_tokens_per_s                     gpt2-small, context 256, batch 8, fp32
+    sample.kv_tokens_per_s, sample.nocache_tokens_per_s, sample.kv_speedup
+                                                   200 new tokens from a 10-token prompt, batch 1
+    train.tokens_per_s                             a full training step (forward, backward,
+                                                   clip, AdamW) with the default TrainConfig
+    train.best_tokens_per_s, train.best_settings   the fastest TrainConfig settings measured
+    train.mfu_bf16, train.mfu_fp32                 model FLOP/s (flops_per_token) of the best
+                                                   bf16 resp. fp32 settings over the hw yardstick
+    train.bf16_loss_rel_diff                       loss curves of `train()` in fp32 vs the best
+                                                   settings: max relative difference
+    tokenize.*, loader.*                           minigpt.bench_data
+
+Timings are medians of repeated measurements, and the settings compared against each
+other are measured interleaved in one process, so that load from other processes hits
+them all alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minigpt.config import TrainConfig
+from minigpt.flops import flops_per_token, matmul_flops_per_s
+from minigpt.generate import generate
+from minigpt.model import GPTModel
+from minigpt.train import autocast_for, build_optimizer, train
+from minigpt.utils import write_json_atomic
+
+SECTIONS = ("hw", "model", "train", "data")
+PRESET = "gpt2-small"
+CONTEXT = 256
+BATCH = 8
+PROMPT_TOKENS = 10
+NEW_TOKENS = 200
+CPU = torch.device("cpu")
+
+# The trainer's speed settings worth comparing (TrainConfig fields). The first is the
+# default configuration; the fastest of the rest becomes `train.best_settings`.
+TRAIN_CANDIDATES: list[dict[str, Any]] = [
+    {"precision": "fp32", "compile": False, "loss_chunk_size": None},
+    {"precision": "fp32", "compile": False, "loss_chunk_size": 1024},
+    {"precision": "bf16", "compile": False, "loss_chunk_size": None},
+    {"precision": "bf16", "compile": False, "loss_chunk_size": 1024},
+    {"precision": "bf16", "compile": True, "loss_chunk_size": None},
+    {"precision": "bf16", "compile": True, "loss_chunk_size": 1024},
+]
+QUICK_CANDIDATES = [TRAIN_CANDIDATES[0], TRAIN_CANDIDATES[3], TRAIN_CANDIDATES[5]]
+
+
+def settings_name(settings: dict[str, Any]) -> str:
+    chunk = settings.get("loss_chunk_size")
+    parts = [settings["precision"], "compile" if settings.get("compile") else "eager"]
+    parts.append(f"chunk{chunk}" if chunk else "full-logits")
+    return "+".join(parts)
+
+
+def _median_rate(work: Callable[[], Any], units: float, repeats: int, warmup: int = 1) -> float:
+    """Median of `units / seconds` over `repeats` timed calls of `work`."""
+    for _ in range(warmup):
+        work()
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        rates.append(units / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def _random_batch(batch: int, length: int, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (batch, length + 1), generator=gen)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+# --------------------------------------------------------------------------- hw
+def model_matmul_shapes(model: GPTModel, tokens: int) -> dict[str, tuple[int, int, int]]:
+    """(m, k, n) of the forward matmuls of one block and the head for `tokens` rows."""
+    e = model.cfg.emb_dim
+    return {
+        "qkv": (tokens, e, 3 * e),
+        "attn_out": (tokens, e, e),
+        "mlp_fc": (tokens, e, 4 * e),
+        "mlp_proj": (tokens, 4 * e, e),
+        "head": (tokens, e, model.cfg.vocab_size),
+    }
+
+
+def bench_hw(quick: bool) -> dict[str, Any]:
+    """Matmul FLOP/s in fp32 and bf16: the best over square sizes and the model's own shapes.
+
+    The best (not an average) is the yardstick, so MFU says how close training comes to
+    what this machine's matmul kernels can do at all.
+    """
+    model = GPTModel.from_preset(PRESET)
+    shapes = {"square1024": (1024, 1024, 1024), "square2048": (2048, 2048, 2048),
+              **model_matmul_shapes(model, BATCH * CONTEXT)}
+    seconds, repeats = (0.2, 3) if quick else (0.4, 5)
+    out: dict[str, Any] = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        per_shape = {}
+        for shape_name, shape in shapes.items():
+            runs = [matmul_flops_per_s.__wrapped__(dtype, CPU, seconds=seconds, shape=shape)
+                    for _ in range(repeats)]
+            per_shape[shape_name] = round(statistics.median(runs) / 1e9, 1)
+        out[f"hw.{name}_matmul_gflops"] = max(per_shape.values())
+        out[f"hw.{name}_matmul_gflops_by_shape"] = per_shape
+    return out
+
+
+# --------------------------------------------------------------------------- model
+def bench_model(quick: bool) -> dict[str, Any]:
+    """Forward+backward throughput and sampling with/without the KV cache (issue 2)."""
+    torch.manual_seed(0)
+    model = GPTModel.from_preset(PRESET, context_length=CONTEXT)
+    x, y = _random_batch(BATCH, CONTEXT, model.cfg.vocab_size, seed=1)
+
+    def fwd_bwd() -> None:
+        model(x, y).backward()
+        model.zero_grad(set_to_none=True)
+
+    model.train()
+    fwd_bwd_rate = _median_rate(fwd_bwd, BATCH * CONTEXT, repeats=2 if quick else 5)
+
+    prompt = _random_batch(1, PROMPT_TOKENS, model.cfg.vocab_size, seed=2)[0]
+    outputs: dict[bool, torch.Tensor] = {}
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for use_cache in (True, False):  # warm-up, and the outputs to compare
+        outputs[use_cache] = generate(model, prompt, NEW_TOKENS, use_cache=use_cache)
+    for _ in range(1 if quick else 3):  # interleaved, so load affects both alike
+        for use_cache in (True, False):
+            start = time.perf_counter()
+            generate(model, prompt, NEW_TOKENS, use_cache=use_cache)
+            rates[use_cache].append(NEW_TOKENS / (time.perf_counter() - start))
+    kv, nocache = statistics.median(rates[True]), statistics.median(rates[False])
+    return {
+        "model.fwd_bwd_tokens_per_s": round(fwd_bwd_rate, 1),
+        "sample.kv_tokens_per_s": round(kv, 1),
+        "sample.nocache_tokens_per_s": round(nocache, 1),
+        "sample.kv_speedup": round(kv / nocache, 2),
+        "sample.kv_matches_nocache": bool(torch.equal(outputs[True], outputs[False])),
+    }
+
+
+# --------------------------------------------------------------------------- train
+class TrainStep:
+    """One optimizer step exactly as `train()` takes it for a single process, one micro-batch:
+    autocast forward with the loss, backward, clip, AdamW step, zero_grad."""
+
+    def __init__(self, settings: dict[str, Any], seed: int = 0) -> None:
+        self.cfg = TrainConfig(micro_batch_size=BATCH, global_batch_size=BATCH, **settings)
+        torch.manual_seed(seed)
+        self.model = GPTModel.from_preset(PRESET, context_length=CONTEXT)
+        self.model.loss_chunk_size = self.cfg.loss_chunk_size
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, self.cfg, CPU)
+        self.runner = torch.compile(self.model) if self.cfg.compile else self.model
+        self.x, self.y = _random_batch(BATCH, CONTEXT, self.model.cfg.vocab_size, seed=seed + 1)
+
+    def __call__(self) -> float:
+        with autocast_for(CPU, self.cfg.precision):
+            loss = self.runner(self.x, self.y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+
+def measure_train_steps(candidates: list[dict[str, Any]], rounds: int, warmup: int = 2,
+                        log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Tokens/s of each settings' training step: medians over `rounds` interleaved rounds."""
+    steps = []
+    for settings in candidates:
+        start = time.perf_counter()
+        step = TrainStep(settings)
+        for _ in range(warmup):  # the first compiled steps compile
+            step()
+        log(f"  {settings_name(settings):28s} ready in {time.perf_counter() - start:5.1f} s")
+        steps.append(step)
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(rounds):
+        for i, step in enumerate(steps):
+            start = time.perf_counter()
+            step()
+            times[i].append(time.perf_counter() - start)
+    tokens = BATCH * CONTEXT
+    return [
+        {"settings": settings, "name": settings_name(settings),
+         "tokens_per_s": round(tokens / statistics.median(t), 1),
+         "best_of_tokens_per_s": round(tokens / min(t), 1)}
+        for settings, t in zip(candidates, times)
+    ]
+
+
+def markov_tokens(n_tokens: int, vocab: int, seed: int = 0, states: int = 2048,
+                  successors: int = 4) -> torch.Tensor:
+    """A learnable token stream: a random sparse Markov chain over `states` token ids.
+
+    Its entropy is at most ln(successors) nats per token, so the loss of a short run
+    falls steeply from ln(vocab) and a loss curve says something (uniform random
+    tokens would give a flat line at ln(vocab)).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randperm(vocab, generator=gen)[:states]
+    nxt = torch.randint(0, states, (states, successors), generator=gen).tolist()
+    cum = torch.softmax(torch.randn(states, successors, generator=gen) * 2, dim=-1).cumsum(-1).tolist()
+    draws = torch.rand(n_tokens, generator=gen).tolist()
+    out, state = [], 0
+    for u in draws:
+        out.append(state)
+        row = cum[state]
+        j = 0
+        while j < successors - 1 and u > row[j]:
+            j += 1
+        state = nxt[state][j]
+    return ids[torch.tensor(out)]
+
+
+class WindowLoader:
+    """Consecutive non-overlapping (input, target) windows of a token stream, resumable:
+    the minimal `ResumableLoader` the trainer needs."""
+
+    def __init__(self, tokens: torch.Tensor, batch: int, length: int) -> None:
+        n_windows = (tokens.numel() - 1) // length
+        self.batches = n_windows // batch
+        if self.batches == 0:
+            raise ValueError("token stream shorter than one batch")
+        self.tokens, self.batch, self.length, self.position = tokens, batch, length, 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while self.position < self.batches:
+            start = self.position * self.batch * self.length
+            rows = [self.tokens[start + r * self.length: start + (r + 1) * self.length + 1]
+                    for r in range(self.batch)]
+            self.position += 1
+            window = torch.stack(rows)  # (batch, length + 1)
+            yield window[:, :-1], window[:, 1:]
+        self.position = 0  # next epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state.get("position", 0))
+
+
+def loss_curve(settings: dict[str, Any], tokens: torch.Tensor, steps: int) -> tuple[list[float], float]:
+    """Train losses of a short `train()` run and its median tokens/s (first steps excluded)."""
+    cfg = TrainConfig(
+        micro_batch_size=BATCH, global_batch_size=BATCH, max_steps=steps, warmup_steps=max(1, steps // 5),
+        lr=1e-3, min_lr=1e-4, eval_interval=steps, eval_batches=1, log_interval=1, resume="never",
+        **settings,
+    )
+    split = int(tokens.numel() * 0.9)
+    torch.manual_seed(0)
+    model = GPTModel.from_preset(PRESET, context_length=CONTEXT)
+    with tempfile.TemporaryDirectory(prefix="minigpt-bench-") as out_dir:
+        result = train(model, cfg, WindowLoader(tokens[:split], BATCH, CONTEXT),
+                       WindowLoader(tokens[split:], BATCH, CONTEXT), out_dir, progress=False,
+                       max_length=CONTEXT)
+    records = [r for r in result.history if r["kind"] == "train"]
+    rates = [r["tokens_per_s"] for r in records[2:]] or [records[-1]["tokens_per_s"]]
+    return [r["train_loss"] for r in records], statistics.median(rates)
+
+
+def bench_train(quick: bool, hw: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Training-step throughput per setting, MFU of the best, fp32-vs-best loss curves (issue 4)."""
+    candidates = QUICK_CANDIDATES if quick else TRAIN_CANDIDATES
+    results = measure_train_steps(candidates, rounds=3 if quick else 7, log=log)
+    model = GPTModel.from_preset(PRESET, context_length=CONTEXT)
+    flops_token = flops_per_token(model, CONTEXT)
+    peaks = {p: hw.get(f"hw.{p}_matmul_gflops") or matmul_flops_per_s(
+        torch.float32 if p == "fp32" else torch.bfloat16, CPU, size=2048) / 1e9 for p in ("fp32", "bf16")}
+    for r in results:
+        r["mfu"] = round(r["tokens_per_s"] * flops_token / (peaks[r["settings"]["precision"]] * 1e9), 3)
+    default = results[0]
+    best = max(results, key=lambda r: r["tokens_per_s"])
+    best_of = {p: max((r for r in results if r["settings"]["precision"] == p), key=lambda r: r["tokens_per_s"])
+               for p in ("fp32", "bf16")}
+
+    steps = 12 if quick else 40
+    tokens = markov_tokens(BATCH * (CONTEXT + 1) * (steps + 4) * 10 // 9, model.cfg.vocab_size)
+    log(f"  loss curves: {steps} steps of train() in fp32 and {best['name']}")
+    ref_losses, ref_rate = loss_curve(default["settings"], tokens, steps)
+    best_losses, best_rate = loss_curve(best["settings"], tokens, steps)
+    rel = max(abs(a - b) / abs(a) for a, b in zip(ref_losses, best_losses))
+    return {
+        "train.tokens_per_s": default["tokens_per_s"],
+        "train.best_tokens_per_s": best["tokens_per_s"],
+        "train.best_settings": best["settings"],
+        "train.speedup": round(best["tokens_per_s"] / default["tokens_per_s"], 2),
+        "train.mfu_bf16": best_of["bf16"]["mfu"],
+        "train.mfu_fp32": best_of["fp32"]["mfu"],
+        "train.flops_per_token": flops_token,
+        "train.settings": {r["name"]: {k: r[k] for k in ("tokens_per_s", "best_of_tokens_per_s", "mfu")}
+                           for r in results},
+        "train.bf16_loss_rel_diff": round(rel, 5),
+        "train.loss_curve_steps": steps,
+        "train.loss_curve_fp32": [round(v, 4) for v in ref_losses[:: max(1, steps // 10)]] + [round(ref_losses[-1], 4)],
+        "train.loss_curve_best": [round(v, 4) for v in best_losses[:: max(1, steps // 10)]] + [round(best_losses[-1], 4)],
+        "train.trainer_tokens_per_s": round(ref_rate, 1),
+        "train.trainer_best_tokens_per_s": round(best_rate, 1),
+    }
+
+
+# --------------------------------------------------------------------------- data
+def bench_data(quick: bool) -> dict[str, Any]:
+    try:
+        from minigpt.bench_data import run_data_benchmarks
+    except ImportError as err:  # the data stages are not there yet
+        return {"data.skipped": f"minigpt.bench_data unavailable: {err}"}
+    return run_data_benchmarks(quick=quick)
+
+
+# --------------------------------------------------------------------------- report
+def environment() -> dict[str, Any]:
+    preload = os.environ.get("LD_PRELOAD", "")
+    return {
+        "meta.torch": torch.__version__,
+        "meta.threads": torch.get_num_threads(),
+        "meta.cpu": _cpu_name(),
+        "meta.python": platform.python_version(),
+        "meta.allocator": "jemalloc" if "jemalloc" in preload else ("tcmalloc" if "tcmalloc" in preload else "system"),
+        "meta.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)
+
+
+def print_table(results: dict[str, Any], out=sys.stdout) -> None:
+    rows = [(k, v) for k, v in results.items() if k not in ("train.settings",) and not k.endswith("_by_shape")]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {_fmt(value)}", file=out)
+    settings = results.get("train.settings")
+    if settings:
+        print(f"\n{'train settings':<34}{'tokens/s':>10}{'best-of':>10}{'MFU':>8}", file=out)
+        for name, r in settings.items():
+            print(f"{name:<34}{r['tokens_per_s']:>10,.1f}{r['best_of_tokens_per_s']:>10,.1f}{r['mfu']:>8.3f}", file=out)
+    for key in (k for k in results if k.endswith("_by_shape")):
+        print(f"\n{key} (GFLOP/s): " + ", ".join(f"{s}={g}" for s, g in results[key].items()), file=out)
+
+
+def merge_into(path: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """Existing keys of `path` updated with `results`, written atomically."""
+    merged: dict[str, Any] = {}
+    if path.exists():
+        with contextlib.suppress(ValueError, OSError):
+            merged = json.loads(path.read_text())
+    merged.update(results)
+    write_json_atomic(path, merged)
+    return merged
+
+
+def run(sections: list[str], quick: bool = False, out: Path | None = None,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
+    results: dict[str, Any] = {**environment(), "meta.quick": quick}
+    existing: dict[str, Any] = {}
+    if out is not None and out.exists():
+        with contextlib.suppress(ValueError, OSError):
+            existing = json.loads(out.read_text())
+    for section in sections:
+        start = time.perf_counter()
+        log(f"[bench] {section} ...")
+        if section == "hw":
+            results.update(bench_hw(quick))
+        elif section == "model":
+            results.update(bench_model(quick))
+        elif section == "train":
+            # MFU needs the yardsticks: this run's, else the ones already in the report.
+            results.update(bench_train(quick, {**existing, **results}, log=log))
+        elif section == "data":
+            results.update(bench_data(quick))
+        log(f"[bench] {section} done in {time.perf_counter() - start:.0f} s")
+        if out is not None:  # after every section, so a long run keeps what it measured
+            merge_into(out, results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minigpt.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and settings, a smaller data corpus")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections to run (default: all of {','.join(SECTIONS)})")
+    parser.add_argument("--out", type=Path, default=Path("reports/bench.json"),
+                        help="JSON report; existing keys of other sections are kept")
+    args = parser.parse_args(argv)
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    results = run(sections, quick=args.quick, out=args.out)
+    print()
+    print_table(results)
+    print(f"\nwritten: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
