@@ -12,7 +12,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from minigpt.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from minigpt.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_checkpoint,
+    read_checkpoint_state,
+    save_checkpoint,
+)
 from minigpt.config import ModelConfig
 from minigpt.model import GPTModel
 
@@ -197,3 +203,23 @@ def test_save_is_atomic_and_leaves_no_temporary_files(checkpoint):
     save_checkpoint(checkpoint, model, optimizer, {**STATE, "step": 8})  # overwrite in place
     assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["last.safetensors"]
     assert load_checkpoint(checkpoint, GPTModel(ModelConfig(**TINY)))["step"] == 8
+
+
+def test_header_only_state_read(checkpoint, tmp_path):
+    """What the pipeline reads to decide whether to resume: refuses foreign, old and broken files."""
+    assert read_checkpoint_state(checkpoint) == STATE
+    old = tmp_path / "old.safetensors"
+    save_file({"w": torch.zeros(2)}, str(old), metadata={"format": "minigpt-checkpoint", "version": "1", "state": "{}"})
+    for reader in (read_checkpoint_state, lambda p: load_checkpoint(p, GPTModel(ModelConfig(**TINY)))):
+        with pytest.raises(CheckpointError, match="format version '1', expected '2'"):
+            reader(old)
+    broken = tmp_path / "broken.safetensors"
+    raw = checkpoint.read_bytes()
+    start = raw.index(b'"state":"') + len(b'"state":"')
+    broken.write_bytes(raw[:start] + b"[" + raw[start + 1:])  # the state is no longer JSON
+    with pytest.raises(CheckpointError, match="unreadable state"):
+        read_checkpoint_state(broken)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        read_checkpoint_state(junk)

@@ -25,6 +25,15 @@ pytestmark = pytest.mark.slow
 HELPER = Path(__file__).with_name("train_helpers.py")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The single-process reference runs on one thread, like each rank (OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     # Window counts divisible by 8: an epoch has the same steps on one rank of 8 or two of 4.

@@ -37,6 +37,16 @@ HELPER = Path(__file__).with_name("train_helpers.py")
 TOKENS_PER_SEQUENCE = MAX_LENGTH
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine two threads
+    spin-wait for each other. Subprocesses get OMP_NUM_THREADS=1 to compute identically."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """32 training windows (8 batches of 4 per epoch) and 16 validation windows."""
@@ -46,10 +56,6 @@ def corpus(tmp_path_factory) -> Path:
 def _losses(records: list[dict], kind: str = "train") -> list[tuple[int, float]]:
     key = "train_loss" if kind == "train" else "val_loss"
     return [(r["step"], r[key]) for r in records if r["kind"] == kind]
-
-
-def _all_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return read_checkpoint(path)[0]
 
 
 class Interrupted(Exception):
@@ -203,10 +209,13 @@ def _assert_same_run(reference: tuple[Path, list[dict]], out: Path, records: lis
     ref_out, ref_records = reference
     assert _losses(records) == _losses(ref_records)  # exact float equality, every step
     assert _losses(records, "eval") == _losses(ref_records, "eval")
-    ref_tensors, tensors = _all_tensors(ref_out / "last.safetensors"), _all_tensors(out / "last.safetensors")
+    (ref_tensors, ref_meta), (tensors, meta) = read_checkpoint(ref_out / "last.safetensors"), read_checkpoint(out / "last.safetensors")
     assert ref_tensors.keys() == tensors.keys()
     different = [k for k in tensors if not torch.equal(tensors[k], ref_tensors[k])]
     assert not different, f"not bit-identical after resume: {different[:5]}"  # weights, AdamW moments, RNG
+    assert meta["rng"] == ref_meta["rng"] and meta["optimizer_param_groups"] == ref_meta["optimizer_param_groups"]
+    state, ref_state = json.loads(meta["state"]), json.loads(ref_meta["state"])
+    assert {**state, "train_time": 0} == {**ref_state, "train_time": 0}  # step, tokens, best loss, loader position
 
 
 @pytest.mark.slow
@@ -225,7 +234,7 @@ def test_resume_in_a_new_process_is_bit_identical(corpus, uninterrupted, tmp_pat
     records = [r for r in records if r["step"] <= 6]
 
     second = tmp_path / "second.json"
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
         [
             sys.executable,
@@ -306,8 +315,13 @@ def test_resume_refuses_a_checkpoint_of_other_data(corpus, tmp_path):
     out = tmp_path / "run"
     run_training(corpus, out, base_config(max_steps=2), run_info=RUN_INFO)
     other = {**RUN_INFO, "data_sha256": "e" * 64}
+    model = tiny_model(seed=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(42)
     with pytest.raises(CheckpointError, match="data_sha256=dddddddddddd.*this run has eeeeeeeeeeee"):
-        run_training(corpus, out, base_config(max_steps=4, resume="auto"), run_info=other)
+        run_training(corpus, out, base_config(max_steps=4, resume="auto"), model=model, run_info=other)
+    # Refused before anything was loaded: the caller's model keeps its own weights.
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(CheckpointError, match="does not exist"):
         run_training(corpus, out, base_config(max_steps=4, resume=str(tmp_path / "nope.safetensors")))
 
@@ -325,6 +339,17 @@ def test_resume_after_the_end_does_nothing_and_a_larger_budget_continues(corpus,
         corpus, out, base_config(max_steps=8, lr_decay_steps=8, eval_interval=4, resume="auto")
     )
     assert [r["step"] for r in more.history if r["kind"] == "train"] == [5, 6, 7, 8]
+
+
+def test_evaluating_does_not_change_the_training_run(corpus, tmp_path):
+    """With dropout on, evaluating every step or never gives the same training losses and weights."""
+    cfg = dict(max_steps=6, lr_decay_steps=6, checkpoint_interval=6)
+    often = run_training(corpus, tmp_path / "often", base_config(eval_interval=1, **cfg), model_overrides=RESUME_MODEL)
+    rarely = run_training(corpus, tmp_path / "rarely", base_config(eval_interval=100, **cfg), model_overrides=RESUME_MODEL)
+    assert len(_losses(often.history, "eval")) == 6 and len(_losses(rarely.history, "eval")) == 1
+    assert _losses(often.history) == _losses(rarely.history)
+    a, b = read_checkpoint(often.last_checkpoint)[0], read_checkpoint(rarely.last_checkpoint)[0]
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("model."))
 
 
 # --------------------------------------------------------------------------- checkpoints from train()
@@ -446,7 +471,7 @@ def test_max_time_budget(corpus, tmp_path):
     start = time.perf_counter()
     result = run_training(corpus, tmp_path, base_config(max_steps=100_000, max_time=0.5, eval_interval=1000))
     assert result.stop_reason == "max_time"
-    assert 1 < result.state.step < 100_000 and result.state.train_time >= 0.5
+    assert 1 <= result.state.step < 100_000 and result.state.train_time >= 0.5
     assert time.perf_counter() - start < 30
     assert load_checkpoint(result.last_checkpoint, tiny_model())["step"] == result.state.step
 

@@ -2,12 +2,14 @@
 
 `run_data_benchmarks()` returns a flat dict of metrics for `reports/bench.json`:
 
-    tokenize.single_thread_mb_per_s   plain `encode_ordinary` on one thread (the baseline)
+    tokenize.single_thread_mb_per_s   plain `encode_ordinary` on one thread (the baseline;
+                                      mean of a run before and one after the stage)
     tokenize.mb_per_s                 the tokenize stage's own path (`tokenize_split`), all cores
     tokenize.speedup                  the ratio of the two (target: >= 1.8 on 2 cores)
     tokenize.peak_rss_mb              peak resident memory of the stage, workers included (target: <= 512)
     tokenize.corpus_mb                size of the corpus it encoded: the default corpus repeated
                                       to >= 1 GB (quick mode: ~100 MB)
+    tokenize.tokens                   tokens it produced
     loader.batches_per_s              training batches (8 x 256 tokens) served by `create_dataloader`
 
 MB are 10^6 bytes of UTF-8 text. The stage runs in a fresh subprocess so that its
@@ -26,9 +28,10 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow.compute as pc
 
 from minigpt.config import ShakespeareSource
-from minigpt.corpus import DocumentWriter, acquire, atomic_file, iter_documents
+from minigpt.corpus import DocumentWriter, acquire, atomic_file, iter_documents, open_document_table
 from minigpt.data import create_dataloader
 from minigpt.tokenizer import get_tokenizer
 
@@ -91,6 +94,15 @@ def _tree_rss(process: psutil.Process) -> int:
     return total
 
 
+def _utf8_bytes(docs_path: Path) -> int:
+    """UTF-8 size of a document table's text, one row group at a time."""
+    table = open_document_table(docs_path)
+    return sum(
+        pc.sum(pc.binary_length(table.read_row_group(i, columns=["text"]).column("text"))).as_py()
+        for i in range(table.num_row_groups)
+    )
+
+
 def measure_tokenize(docs_path: Path, out_dir: Path) -> dict[str, float]:
     """Run `tokenize_split` in a fresh process; its throughput and the peak RSS of its process tree."""
     proc = subprocess.Popen(
@@ -115,9 +127,7 @@ def measure_tokenize(docs_path: Path, out_dir: Path) -> dict[str, float]:
     if proc.returncode != 0:
         raise RuntimeError(f"tokenize benchmark subprocess failed with exit code {proc.returncode}")
     result = json.loads(stdout.strip().splitlines()[-1])
-    size = sum(
-        doc["chars"] for doc in iter_documents(docs_path, columns=["chars"])
-    )  # ASCII corpus: chars = bytes
+    size = _utf8_bytes(docs_path)
     return {
         "tokenize.mb_per_s": size / 1e6 / result["seconds"],
         "tokenize.peak_rss_mb": peak / 2**20,

@@ -128,7 +128,7 @@ class DataConfig(StrictModel):
     """Everything between raw text and (input, target) batches.
 
     Fields are grouped by the stage that reads them, so a DVC stage can depend on
-    just its own keys (changing `batch_size` must not re-tokenize the corpus).
+    just its own keys (changing `max_length` must not re-tokenize the corpus).
     """
 
     # acquire

@@ -138,12 +138,15 @@ def evaluate(model: torch.nn.Module, loader: ResumableLoader, device: torch.devi
     model.eval()
     total = torch.zeros((), device=device)
     count = 0
-    for x, y in loader:
-        if max_batches is not None and count >= max_batches:
-            break
-        with autocast_for(device, precision):
-            total += model(x.to(device), y.to(device)).float()
-        count += 1
+    # A DataLoader draws a seed from the global RNG on every pass: under fork_rng, how often
+    # we evaluate cannot change the dropout masks (so the losses) of the training run.
+    with torch.random.fork_rng(devices=[]):
+        for x, y in loader:
+            with autocast_for(device, precision):
+                total += model(x.to(device), y.to(device)).float()
+            count += 1
+            if max_batches is not None and count >= max_batches:
+                break  # before fetching a batch that would not be used
     model.train(was_training)
     if count == 0:
         raise ValueError("validation loader yielded no batch: the validation split is too small")
