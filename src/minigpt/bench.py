@@ -9,30 +9,44 @@ sections can be run separately and a crash never leaves half a file):
                                                    gpt2-small shapes: the MFU yardsticks
     model.fwd_bwd_tokens_per_s                     gpt2-small, context 256, batch 8, fp32
     sample.kv_tokens_per_s, sample.nocache_tokens_per_s, sample.kv_speedup
-                                                   200 new tokens from a 10-token prompt, batch 1
+                                                   200 new tokens from a 10-token prompt, batch 1,
+                                                   greedy, `generate` with and without the cache
+    sample.naive_tokens_per_s, sample.kv_speedup_vs_naive
+                                                   the textbook loop (whole window, all logits)
     train.tokens_per_s                             a full training step (forward, backward,
                                                    clip, AdamW) with the default TrainConfig
     train.best_tokens_per_s, train.best_settings   the fastest TrainConfig settings measured
-    train.mfu_bf16, train.mfu_fp32                 model FLOP/s (flops_per_token) of the best
-                                                   bf16 resp. fp32 settings over the hw yardstick
+    train.mfu_bf16, train.mfu_fp32                 model FLOP/s (flops_per_token x tokens/s) of the
+                                                   fastest bf16 resp. fp32 settings over the bf16
+                                                   resp. fp32 yardstick (train.best_model_gflops:
+                                                   the fastest settings' model GFLOP/s)
+    train.settings                                 tokens/s and MFU of every setting measured
     train.bf16_loss_rel_diff                       loss curves of `train()` in fp32 vs the best
-                                                   settings: max relative difference
+                                                   settings: max relative difference per step;
+    train.seed_loss_rel_diff                       the same for two fp32 runs from different
+                                                   seeds: the noise the first is judged against
     tokenize.*, loader.*                           minigpt.bench_data
 
 Timings are medians of repeated measurements, and the settings compared against each
 other are measured interleaved in one process, so that load from other processes hits
 them all alike.
+
+The command restarts itself with tcmalloc (else jemalloc) preloaded when one is
+installed (`--allocator system` keeps glibc's malloc); `meta.allocator` records which
+ran. See "allocator" below for why: it is worth 20-40% of a training step here.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -145,23 +159,42 @@ def bench_model(quick: bool) -> dict[str, Any]:
     fwd_bwd_rate = _median_rate(fwd_bwd, BATCH * CONTEXT, repeats=2 if quick else 5)
 
     prompt = _random_batch(1, PROMPT_TOKENS, model.cfg.vocab_size, seed=2)[0]
-    outputs: dict[bool, torch.Tensor] = {}
-    rates: dict[bool, list[float]] = {True: [], False: []}
-    for use_cache in (True, False):  # warm-up, and the outputs to compare
-        outputs[use_cache] = generate(model, prompt, NEW_TOKENS, use_cache=use_cache)
-    for _ in range(1 if quick else 3):  # interleaved, so load affects both alike
-        for use_cache in (True, False):
+    samplers: dict[str, Callable[[], torch.Tensor]] = {
+        "kv": lambda: generate(model, prompt, NEW_TOKENS, use_cache=True),
+        "nocache": lambda: generate(model, prompt, NEW_TOKENS, use_cache=False),
+        "naive": lambda: naive_generate(model, prompt, NEW_TOKENS),
+    }
+    outputs = {name: sample() for name, sample in samplers.items()}  # warm-up, and to compare
+    rates: dict[str, list[float]] = {name: [] for name in samplers}
+    for _ in range(1 if quick else 3):  # interleaved, so load affects all alike
+        for name, sample in samplers.items():
             start = time.perf_counter()
-            generate(model, prompt, NEW_TOKENS, use_cache=use_cache)
-            rates[use_cache].append(NEW_TOKENS / (time.perf_counter() - start))
-    kv, nocache = statistics.median(rates[True]), statistics.median(rates[False])
+            sample()
+            rates[name].append(NEW_TOKENS / (time.perf_counter() - start))
+    kv, nocache, naive = (statistics.median(rates[n]) for n in ("kv", "nocache", "naive"))
     return {
         "model.fwd_bwd_tokens_per_s": round(fwd_bwd_rate, 1),
         "sample.kv_tokens_per_s": round(kv, 1),
         "sample.nocache_tokens_per_s": round(nocache, 1),
         "sample.kv_speedup": round(kv / nocache, 2),
-        "sample.kv_matches_nocache": bool(torch.equal(outputs[True], outputs[False])),
+        "sample.naive_tokens_per_s": round(naive, 1),
+        "sample.kv_speedup_vs_naive": round(kv / naive, 2),
+        "sample.kv_matches_nocache": bool(torch.equal(outputs["kv"], outputs["nocache"])),
     }
+
+
+@torch.no_grad()
+def naive_generate(model: GPTModel, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Greedy decoding the textbook way: each token re-runs the whole window and projects
+    every position to the vocabulary. The baseline that `generate` improves on twice:
+    logits of the last position only (use_cache=False), and the KV cache on top."""
+    was_training = model.training
+    model.eval()
+    for _ in range(max_new_tokens):
+        logits = model(idx[:, -model.cfg.context_length:])  # (batch, seq, vocab)
+        idx = torch.cat([idx, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    model.train(was_training)
+    return idx
 
 
 # --------------------------------------------------------------------------- train
@@ -206,6 +239,8 @@ def measure_train_steps(candidates: list[dict[str, Any]], rounds: int, warmup: i
             start = time.perf_counter()
             step()
             times[i].append(time.perf_counter() - start)
+    del steps  # the models and optimizers: ~0.5 GB each
+    gc.collect()
     tokens = BATCH * CONTEXT
     return [
         {"settings": settings, "name": settings_name(settings),
@@ -267,15 +302,18 @@ class WindowLoader:
         self.position = int(state.get("position", 0))
 
 
-def loss_curve(settings: dict[str, Any], tokens: torch.Tensor, steps: int) -> tuple[list[float], float]:
-    """Train losses of a short `train()` run and its median tokens/s (first steps excluded)."""
+def loss_curve(settings: dict[str, Any], tokens: torch.Tensor, steps: int,
+               seed: int = 1337) -> tuple[list[float], float]:
+    """Train losses of a short `train()` run and its median tokens/s (first steps excluded).
+
+    `seed` seeds the model's initialisation and the trainer (the data is the same)."""
     cfg = TrainConfig(
-        micro_batch_size=BATCH, global_batch_size=BATCH, max_steps=steps, warmup_steps=max(1, steps // 5),
-        lr=1e-3, min_lr=1e-4, eval_interval=steps, eval_batches=1, log_interval=1, resume="never",
-        **settings,
+        seed=seed, micro_batch_size=BATCH, global_batch_size=BATCH, max_steps=steps,
+        warmup_steps=max(1, steps // 5), lr=1e-3, min_lr=1e-4, eval_interval=steps, eval_batches=1,
+        log_interval=1, resume="never", **settings,
     )
     split = int(tokens.numel() * 0.9)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = GPTModel.from_preset(PRESET, context_length=CONTEXT)
     with tempfile.TemporaryDirectory(prefix="minigpt-bench-") as out_dir:
         result = train(model, cfg, WindowLoader(tokens[:split], BATCH, CONTEXT),
@@ -303,49 +341,148 @@ def bench_train(quick: bool, hw: dict[str, Any], log: Callable[[str], None] = pr
 
     steps = 12 if quick else 40
     tokens = markov_tokens(BATCH * (CONTEXT + 1) * (steps + 4) * 10 // 9, model.cfg.vocab_size)
-    log(f"  loss curves: {steps} steps of train() in fp32 and {best['name']}")
+    log(f"  loss curves: {steps} steps of train() in fp32, in {best['name']}, and in fp32 from another seed")
     ref_losses, ref_rate = loss_curve(default["settings"], tokens, steps)
     best_losses, best_rate = loss_curve(best["settings"], tokens, steps)
-    rel = max(abs(a - b) / abs(a) for a, b in zip(ref_losses, best_losses))
+    # The yardstick for "within noise": the same fp32 run from another initialisation.
+    seed_losses, _ = loss_curve(default["settings"], tokens, steps, seed=1338)
+
+    def rel_diffs(other: list[float]) -> list[float]:
+        return [abs(a - b) / abs(a) for a, b in zip(ref_losses, other)]
+
+    best_diff, seed_diff = rel_diffs(best_losses), rel_diffs(seed_losses)
+    every = max(1, steps // 10)
     return {
         "train.tokens_per_s": default["tokens_per_s"],
         "train.best_tokens_per_s": best["tokens_per_s"],
         "train.best_settings": best["settings"],
         "train.speedup": round(best["tokens_per_s"] / default["tokens_per_s"], 2),
+        "train.best_model_gflops": round(best["tokens_per_s"] * flops_token / 1e9, 1),
         "train.mfu_bf16": best_of["bf16"]["mfu"],
         "train.mfu_fp32": best_of["fp32"]["mfu"],
         "train.flops_per_token": flops_token,
         "train.settings": {r["name"]: {k: r[k] for k in ("tokens_per_s", "best_of_tokens_per_s", "mfu")}
                            for r in results},
-        "train.bf16_loss_rel_diff": round(rel, 5),
+        "train.bf16_loss_rel_diff": round(max(best_diff), 5),
+        "train.bf16_loss_mean_rel_diff": round(statistics.mean(best_diff), 5),
+        "train.seed_loss_rel_diff": round(max(seed_diff), 5),
+        "train.seed_loss_mean_rel_diff": round(statistics.mean(seed_diff), 5),
+        "train.loss_curves_match": (max(best_diff) <= max(seed_diff)
+                                    and statistics.mean(best_diff) <= statistics.mean(seed_diff)),
         "train.loss_curve_steps": steps,
-        "train.loss_curve_fp32": [round(v, 4) for v in ref_losses[:: max(1, steps // 10)]] + [round(ref_losses[-1], 4)],
-        "train.loss_curve_best": [round(v, 4) for v in best_losses[:: max(1, steps // 10)]] + [round(best_losses[-1], 4)],
+        "train.loss_curve_fp32": [round(v, 4) for v in ref_losses[every - 1::every]],
+        "train.loss_curve_best": [round(v, 4) for v in best_losses[every - 1::every]],
+        "train.loss_curve_fp32_seed2": [round(v, 4) for v in seed_losses[every - 1::every]],
         "train.trainer_tokens_per_s": round(ref_rate, 1),
         "train.trainer_best_tokens_per_s": round(best_rate, 1),
     }
 
 
 # --------------------------------------------------------------------------- data
+_DATA_BENCH = """
+import json, sys
+from minigpt.bench_data import run_data_benchmarks
+print(json.dumps(run_data_benchmarks(quick=sys.argv[1] == "1")))
+"""
+
+
 def bench_data(quick: bool) -> dict[str, Any]:
+    """minigpt.bench_data's metrics, measured in a child process with the environment this
+    command was started with: the data stages run on the system malloc in the pipeline, and
+    their memory target (tokenize.peak_rss_mb) must be measured that way too."""
     try:
-        from minigpt.bench_data import run_data_benchmarks
+        import minigpt.bench_data  # noqa: F401
     except ImportError as err:  # the data stages are not there yet
         return {"data.skipped": f"minigpt.bench_data unavailable: {err}"}
-    return run_data_benchmarks(quick=quick)
+    proc = subprocess.run([sys.executable, "-c", _DATA_BENCH, "1" if quick else "0"],
+                          env=original_environment(), stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"data benchmarks failed with exit code {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # --------------------------------------------------------------------------- report
 def environment() -> dict[str, Any]:
-    preload = os.environ.get("LD_PRELOAD", "")
     return {
         "meta.torch": torch.__version__,
         "meta.threads": torch.get_num_threads(),
         "meta.cpu": _cpu_name(),
         "meta.python": platform.python_version(),
-        "meta.allocator": "jemalloc" if "jemalloc" in preload else ("tcmalloc" if "tcmalloc" in preload else "system"),
+        "meta.allocator": loaded_allocator(),
         "meta.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+
+
+# --------------------------------------------------------------------------- allocator
+# A training step allocates ~2 GB of short-lived tensors (logits and their gradient,
+# weight casts, embedding gradients). glibc returns such large blocks to the kernel at
+# every free, so each step page-faults them in again: ~500k faults and ~1 s of kernel
+# time per gpt2-small step on 2 cores. tcmalloc keeps them for reuse (same peak memory);
+# jemalloc does so only with decay turned off. Either must be preloaded at process start.
+ALLOCATOR_LIBS = {"tcmalloc": ("tcmalloc_minimal", "tcmalloc"), "jemalloc": ("jemalloc",)}
+ALLOCATOR_ENV = {"jemalloc": {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}}
+
+
+def loaded_allocator() -> str:
+    """Which malloc this process runs on, judged by the libraries mapped into it."""
+    with contextlib.suppress(OSError):
+        maps = Path("/proc/self/maps").read_text()
+        for name in ALLOCATOR_LIBS:
+            if f"lib{name}" in maps:
+                return name
+    return "system"
+
+
+def find_allocator(choice: str) -> tuple[str, str] | None:
+    """(name, library) of the allocator `choice` (auto: tcmalloc, then jemalloc), if installed."""
+    import ctypes.util
+
+    names = list(ALLOCATOR_LIBS) if choice == "auto" else [choice]
+    for name in names:
+        for lib in ALLOCATOR_LIBS.get(name, ()):
+            found = ctypes.util.find_library(lib)
+            if found:
+                return name, found
+    return None
+
+
+def reexec_with_allocator(choice: str) -> None:
+    """Restart this command with the chosen allocator preloaded (no-op if it is loaded or absent)."""
+    if choice == "system" or os.environ.get("MINIGPT_BENCH_REEXEC") or sys.platform != "linux":
+        return
+    found = find_allocator(choice)
+    if found is None:
+        if choice != "auto":
+            print(f"[bench] allocator {choice} not installed; using the system malloc", file=sys.stderr)
+        return
+    name, lib = found
+    if loaded_allocator() == name:
+        return
+    env = dict(os.environ, MINIGPT_BENCH_REEXEC="1")
+    for key in _PRELOAD_KEYS:  # remembered, so child processes can get them back
+        if key in os.environ:
+            env[f"MINIGPT_BENCH_ORIG_{key}"] = os.environ[key]
+    env["LD_PRELOAD"] = ":".join(filter(None, [lib, os.environ.get("LD_PRELOAD")]))
+    for key, value in ALLOCATOR_ENV.get(name, {}).items():
+        env.setdefault(key, value)
+    sys.stdout.flush()
+    os.execve(sys.executable, sys.orig_argv, env)
+
+
+_PRELOAD_KEYS = ("LD_PRELOAD", "MALLOC_CONF")
+
+
+def original_environment() -> dict[str, str]:
+    """os.environ as it was before `reexec_with_allocator` added the allocator."""
+    env = dict(os.environ)
+    if env.pop("MINIGPT_BENCH_REEXEC", None):
+        for key in _PRELOAD_KEYS:
+            original = env.pop(f"MINIGPT_BENCH_ORIG_{key}", None)
+            if original is None:
+                env.pop(key, None)
+            else:
+                env[key] = original
+    return env
 
 
 def _cpu_name() -> str:
@@ -421,7 +558,12 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated sections to run (default: all of {','.join(SECTIONS)})")
     parser.add_argument("--out", type=Path, default=Path("reports/bench.json"),
                         help="JSON report; existing keys of other sections are kept")
+    parser.add_argument("--allocator", choices=("auto", "tcmalloc", "jemalloc", "system"), default="auto",
+                        help="malloc to preload by restarting the command (auto: tcmalloc, else jemalloc, "
+                             "else the system's); recorded as meta.allocator")
     args = parser.parse_args(argv)
+    if argv is None:  # a command line, not a call from Python: restarting is safe
+        reexec_with_allocator(args.allocator)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
