@@ -47,6 +47,10 @@ class _Decoder:
         self.model = model
         self.context_length = model.cfg.context_length
         self.caches: list[KVCache] | None = model.new_kv_caches(batch) if use_cache else None
+        # One row times the (vocab, emb) head weight is a matrix-vector product that MKL runs
+        # ~3x slower than the same product against an (emb, vocab) copy; with the cache the
+        # head is most of a token's cost, so decoding pays for this copy once.
+        self.head_weight = model.out_head.weight.t().contiguous()  # (emb_dim, vocab_size)
 
     def last_logits(self, idx: torch.Tensor, n_new: int) -> torch.Tensor:
         """`idx` is the whole sequence so far `(batch, seq)`; `n_new` tokens are not in the cache yet."""
@@ -62,7 +66,7 @@ class _Decoder:
             feed, caches = window, self.caches
         hidden = self.model.hidden_states(feed, caches)  # (batch, len(feed), emb_dim)
         # Only the last position is needed: projecting the others to 50k logits is wasted work.
-        return self.model.out_head(hidden[:, -1])  # (batch, vocab_size)
+        return hidden[:, -1] @ self.head_weight  # (batch, vocab_size)
 
 
 @torch.no_grad()
