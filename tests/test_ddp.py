@@ -20,18 +20,9 @@ import torch
 from minigpt.checkpoint import read_checkpoint
 from train_helpers import MAX_LENGTH, base_config, make_corpus, run_training, windows_tokens
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 HELPER = Path(__file__).with_name("train_helpers.py")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The single-process reference runs on one thread, like each rank (OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -35,16 +35,7 @@ from train_helpers import (
 
 HELPER = Path(__file__).with_name("train_helpers.py")
 TOKENS_PER_SEQUENCE = MAX_LENGTH
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine two threads
-    spin-wait for each other. Subprocesses get OMP_NUM_THREADS=1 to compute identically."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +53,21 @@ class Interrupted(Exception):
     """Raised from a callback: the process 'dies' mid-run."""
 
 
-def _interrupt_at(step: int):
-    def callback(record: dict) -> None:
+def _run_interrupted(corpus: Path, out: Path, dies_at_step: int) -> list[dict]:
+    """Run the resume config until the process 'dies' during `dies_at_step`; return the
+    records of the steps its `last` checkpoint holds (all before `dies_at_step`)."""
+    records: list[dict] = []
+
+    def die(record: dict) -> None:
         # Train records come after the optimizer step and before that step's checkpoint,
-        # so the last checkpoint on disk is from step - 1.
-        if record["kind"] == "train" and record["step"] == step:
+        # so the last checkpoint on disk is from the step before.
+        if record["kind"] == "train" and record["step"] == dies_at_step:
             raise Interrupted
 
-    return callback
+    with pytest.raises(Interrupted):
+        run_training(corpus, out, RESUME_CFG, model_overrides=RESUME_MODEL, run_info=RUN_INFO,
+                     callbacks=(records.append, die))
+    return [r for r in records if r["step"] < dies_at_step]
 
 
 # --------------------------------------------------------------------------- schedule
@@ -149,7 +147,7 @@ def test_optimizer_settings_come_from_the_config():
     assert isinstance(opt, torch.optim.AdamW)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
     assert all(g["betas"] == (0.8, 0.99) and g["lr"] == 1e-3 for g in opt.param_groups)
-    assert not opt.param_groups[0]["fused"]  # the fused kernel is for CUDA
+    assert opt.param_groups[0]["fused"]  # PyTorch's fused AdamW runs on CPU too
 
 
 # --------------------------------------------------------------------------- accumulation
@@ -220,18 +218,9 @@ def _assert_same_run(reference: tuple[Path, list[dict]], out: Path, records: lis
 
 @pytest.mark.slow
 def test_resume_in_a_new_process_is_bit_identical(corpus, uninterrupted, tmp_path):
-    out, records = tmp_path / "run", []
-    with pytest.raises(Interrupted):  # dies during step 7; `last` holds step 6
-        run_training(
-            corpus,
-            out,
-            RESUME_CFG,
-            model_overrides=RESUME_MODEL,
-            run_info=RUN_INFO,
-            callbacks=(records.append, _interrupt_at(7)),
-        )
+    out = tmp_path / "run"
+    records = _run_interrupted(corpus, out, dies_at_step=7)
     assert load_checkpoint(out / "last.safetensors", tiny_model(**RESUME_MODEL))["step"] == 6
-    records = [r for r in records if r["step"] <= 6]
 
     second = tmp_path / "second.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -265,17 +254,8 @@ def test_resume_in_a_new_process_is_bit_identical(corpus, uninterrupted, tmp_pat
 # Mid-epoch, at the epoch's last batch (step 8 = 16 micro-batches of 2 = 32 windows), and in epoch 2.
 @pytest.mark.parametrize("saved_step", [1, 5, 8, 10])
 def test_resume_at_any_step_is_bit_identical(corpus, uninterrupted, tmp_path, saved_step):
-    out, records = tmp_path / "run", []
-    with pytest.raises(Interrupted):
-        run_training(
-            corpus,
-            out,
-            RESUME_CFG,
-            model_overrides=RESUME_MODEL,
-            run_info=RUN_INFO,
-            callbacks=(records.append, _interrupt_at(saved_step + 1)),
-        )
-    records = [r for r in records if r["step"] <= saved_step]
+    out = tmp_path / "run"
+    records = _run_interrupted(corpus, out, dies_at_step=saved_step + 1)
     torch.manual_seed(999)  # whatever the process did before: the checkpoint decides
     result = run_training(
         corpus, out, RESUME_CFG, model=tiny_model(seed=5, **RESUME_MODEL), run_info=RUN_INFO
@@ -288,16 +268,8 @@ def test_resume_test_would_catch_a_missing_rng_or_loader_restore(
     corpus, uninterrupted, tmp_path, monkeypatch, broken
 ):
     """The check above is sensitive: drop either restore and the runs diverge."""
-    out, records = tmp_path / "run", []
-    with pytest.raises(Interrupted):
-        run_training(
-            corpus,
-            out,
-            RESUME_CFG,
-            model_overrides=RESUME_MODEL,
-            run_info=RUN_INFO,
-            callbacks=(records.append, _interrupt_at(6)),
-        )
+    out = tmp_path / "run"
+    _run_interrupted(corpus, out, dies_at_step=6)
     if broken == "rng":
         real = train_module.load_checkpoint
         monkeypatch.setattr(

@@ -31,9 +31,10 @@ Timings are medians of repeated measurements, and the settings compared against 
 other are measured interleaved in one process, so that load from other processes hits
 them all alike.
 
-The command restarts itself with tcmalloc (else jemalloc) preloaded when one is
-installed (`--allocator system` keeps glibc's malloc); `meta.allocator` records which
-ran. See "allocator" below for why: it is worth 20-40% of a training step here.
+Like `train()`, the command first sets glibc's malloc to keep freed memory
+(`minigpt.utils.retain_freed_memory`, worth ~1.6x on a CPU training step); the data
+benchmarks run in a child process on the default policy, as the data stages do.
+`meta.allocator` names a malloc preloaded by the caller (LD_PRELOAD), if any.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ import contextlib
 import gc
 import json
 import math
-import os
 import platform
 import statistics
 import subprocess
@@ -61,7 +61,7 @@ from minigpt.flops import flops_per_token, matmul_flops_per_s
 from minigpt.generate import generate
 from minigpt.model import GPTModel
 from minigpt.train import autocast_for, build_optimizer, train
-from minigpt.utils import write_json_atomic
+from minigpt.utils import retain_freed_memory, write_json_atomic
 
 SECTIONS = ("hw", "model", "train", "data")
 PRESET = "gpt2-small"
@@ -387,15 +387,15 @@ print(json.dumps(run_data_benchmarks(quick=sys.argv[1] == "1")))
 
 
 def bench_data(quick: bool) -> dict[str, Any]:
-    """minigpt.bench_data's metrics, measured in a child process with the environment this
-    command was started with: the data stages run on the system malloc in the pipeline, and
-    their memory target (tokenize.peak_rss_mb) must be measured that way too."""
+    """minigpt.bench_data's metrics, measured in a child process: the data stages run on
+    glibc's default policy in the pipeline, and their memory target (tokenize.peak_rss_mb)
+    must be measured that way too, not under `retain_freed_memory`."""
     try:
         import minigpt.bench_data  # noqa: F401
     except ImportError as err:  # the data stages are not there yet
         return {"data.skipped": f"minigpt.bench_data unavailable: {err}"}
     proc = subprocess.run([sys.executable, "-c", _DATA_BENCH, "1" if quick else "0"],
-                          env=original_environment(), stdout=subprocess.PIPE, text=True)
+                          stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"data benchmarks failed with exit code {proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -414,75 +414,14 @@ def environment() -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- allocator
-# A training step allocates ~2 GB of short-lived tensors (logits and their gradient,
-# weight casts, embedding gradients). glibc returns such large blocks to the kernel at
-# every free, so each step page-faults them in again: ~500k faults and ~1 s of kernel
-# time per gpt2-small step on 2 cores. tcmalloc keeps them for reuse (same peak memory);
-# jemalloc does so only with decay turned off. Either must be preloaded at process start.
-ALLOCATOR_LIBS = {"tcmalloc": ("tcmalloc_minimal", "tcmalloc"), "jemalloc": ("jemalloc",)}
-ALLOCATOR_ENV = {"jemalloc": {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}}
-
-
 def loaded_allocator() -> str:
-    """Which malloc this process runs on, judged by the libraries mapped into it."""
+    """Which malloc this process runs on: a preloaded tcmalloc/jemalloc, else the system's."""
     with contextlib.suppress(OSError):
         maps = Path("/proc/self/maps").read_text()
-        for name in ALLOCATOR_LIBS:
+        for name in ("tcmalloc", "jemalloc"):
             if f"lib{name}" in maps:
                 return name
     return "system"
-
-
-def find_allocator(choice: str) -> tuple[str, str] | None:
-    """(name, library) of the allocator `choice` (auto: tcmalloc, then jemalloc), if installed."""
-    import ctypes.util
-
-    names = list(ALLOCATOR_LIBS) if choice == "auto" else [choice]
-    for name in names:
-        for lib in ALLOCATOR_LIBS.get(name, ()):
-            found = ctypes.util.find_library(lib)
-            if found:
-                return name, found
-    return None
-
-
-def reexec_with_allocator(choice: str) -> None:
-    """Restart this command with the chosen allocator preloaded (no-op if it is loaded or absent)."""
-    if choice == "system" or os.environ.get("MINIGPT_BENCH_REEXEC") or sys.platform != "linux":
-        return
-    found = find_allocator(choice)
-    if found is None:
-        if choice != "auto":
-            print(f"[bench] allocator {choice} not installed; using the system malloc", file=sys.stderr)
-        return
-    name, lib = found
-    if loaded_allocator() == name:
-        return
-    env = dict(os.environ, MINIGPT_BENCH_REEXEC="1")
-    for key in _PRELOAD_KEYS:  # remembered, so child processes can get them back
-        if key in os.environ:
-            env[f"MINIGPT_BENCH_ORIG_{key}"] = os.environ[key]
-    env["LD_PRELOAD"] = ":".join(filter(None, [lib, os.environ.get("LD_PRELOAD")]))
-    for key, value in ALLOCATOR_ENV.get(name, {}).items():
-        env.setdefault(key, value)
-    sys.stdout.flush()
-    os.execve(sys.executable, sys.orig_argv, env)
-
-
-_PRELOAD_KEYS = ("LD_PRELOAD", "MALLOC_CONF")
-
-
-def original_environment() -> dict[str, str]:
-    """os.environ as it was before `reexec_with_allocator` added the allocator."""
-    env = dict(os.environ)
-    if env.pop("MINIGPT_BENCH_REEXEC", None):
-        for key in _PRELOAD_KEYS:
-            original = env.pop(f"MINIGPT_BENCH_ORIG_{key}", None)
-            if original is None:
-                env.pop(key, None)
-            else:
-                env[key] = original
-    return env
 
 
 def _cpu_name() -> str:
@@ -528,7 +467,8 @@ def merge_into(path: Path, results: dict[str, Any]) -> dict[str, Any]:
 
 def run(sections: list[str], quick: bool = False, out: Path | None = None,
         log: Callable[[str], None] = print) -> dict[str, Any]:
-    results: dict[str, Any] = {**environment(), "meta.quick": quick}
+    retains_freed = retain_freed_memory()  # what train() does on CPU, before anything is allocated
+    results: dict[str, Any] = {**environment(), "meta.malloc_retains_freed": retains_freed, "meta.quick": quick}
     existing: dict[str, Any] = {}
     if out is not None and out.exists():
         with contextlib.suppress(ValueError, OSError):
@@ -558,12 +498,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated sections to run (default: all of {','.join(SECTIONS)})")
     parser.add_argument("--out", type=Path, default=Path("reports/bench.json"),
                         help="JSON report; existing keys of other sections are kept")
-    parser.add_argument("--allocator", choices=("auto", "tcmalloc", "jemalloc", "system"), default="auto",
-                        help="malloc to preload by restarting the command (auto: tcmalloc, else jemalloc, "
-                             "else the system's); recorded as meta.allocator")
     args = parser.parse_args(argv)
-    if argv is None:  # a command line, not a call from Python: restarting is safe
-        reexec_with_allocator(args.allocator)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
