@@ -17,6 +17,7 @@ import torch
 import mlflow
 from mlflow.tracking import MlflowClient
 
+import minigpt
 from minigpt.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_state
 from minigpt.config import DataConfig, ModelConfig, TrainConfig, TrackingConfig
 from minigpt.data import create_dataloader
@@ -39,12 +40,19 @@ def data_fingerprint() -> str:
     return sha256_bytes(b"".join(manifests))
 
 
-def resume_mode(train_cfg: TrainConfig, run_config: dict) -> tuple[str, str | None]:
-    """Continue `checkpoints/last` only if it was trained with this very config.
+def code_fingerprint() -> str:
+    """One hash for the code that trains: the minigpt package and the stage scripts."""
+    files = sorted(Path(minigpt.__file__).parent.glob("*.py")) + sorted(Path(__file__).parent.glob("*.py"))
+    return sha256_bytes(b"".join(f.name.encode() + b"\0" + f.read_bytes() for f in files))
+
+
+def resume_mode(train_cfg: TrainConfig, run_config: dict, code_sha256: str) -> tuple[str, str | None]:
+    """Continue `checkpoints/last` only if it was trained with this very config and code.
 
     DVC keeps the checkpoint folder between runs (`persist`), so an interrupted
     `dvc repro` picks up where it stopped; budget keys (max_steps, max_tokens,
-    max_time) may grow. Any other change starts afresh. Returns (resume, run id).
+    max_time) may grow. Any other change, a code change included (that is why DVC
+    re-runs the stage), starts afresh. Returns (resume, run id).
     """
     last = paths.CHECKPOINTS / "last.safetensors"
     if train_cfg.resume != "auto" or not last.exists():
@@ -56,6 +64,9 @@ def resume_mode(train_cfg: TrainConfig, run_config: dict) -> tuple[str, str | No
         return "never", None
     if _without_budget(saved.get("config", {})) != _without_budget(run_config):
         print("pretrain: checkpoints/last was trained with other params; starting afresh")
+        return "never", None
+    if saved.get("code_sha256") != code_sha256:
+        print("pretrain: checkpoints/last was trained by other code; starting afresh")
         return "never", None
     print(f"pretrain: resuming from {last}")
     return "auto", saved.get("mlflow_run_id")
@@ -146,11 +157,13 @@ def main() -> None:
     train_loader = create_dataloader(paths.TRAIN_TOKENS, stride=data_cfg.stride, train=True, **loader_args)
     val_loader = create_dataloader(paths.VAL_TOKENS, train=False, **loader_args)
 
-    resume, previous_run = resume_mode(train_cfg, run_config)
+    code_sha256 = code_fingerprint()
+    resume, previous_run = resume_mode(train_cfg, run_config, code_sha256)
     train_cfg = train_cfg.model_copy(update={"resume": resume})
     seed_everything(train_cfg.seed)
     model = GPTModel(model_cfg)
-    run_info = {"config": run_config, "data_sha256": data_fingerprint(), "tokenizer_sha256": RANKS_SHA256}
+    run_info = {"config": run_config, "data_sha256": data_fingerprint(), "tokenizer_sha256": RANKS_SHA256,
+                "code_sha256": code_sha256}
 
     if not ctx.is_main:
         train(model, train_cfg, train_loader, val_loader, paths.CHECKPOINTS, run_info=run_info,

@@ -36,6 +36,7 @@ def start_run(tracking: TrackingConfig, params: dict[str, Any], run_info: dict[s
         **dvc_tags(),
         "data.sha256": run_info["data_sha256"],
         "tokenizer.sha256": run_info["tokenizer_sha256"],
+        "code.sha256": run_info["code_sha256"],
     }
     active = open_run(project_root(), tracking.experiment, run_id=resume_run_id,
                       run_name=tracking.run_name or os.environ.get("DVC_EXP_NAME"), tags=tags)
