@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import mlflow
 import torch
 
@@ -14,9 +16,13 @@ from pipeline.common import load_sections, load_trained_model, stage_main, write
 from pipeline.run import join_run
 
 
+def sample_seed(seed: int, prompt: str, temperature: float) -> int:
+    return seed + zlib.crc32(f"{prompt}\0{temperature}".encode())
+
+
 def to_markdown(samples: list[dict], cfg: SampleConfig, checkpoint: str) -> str:
     lines = ["# Samples\n", f"From `{checkpoint}`, {cfg.max_new_tokens} new tokens, "
-             f"top_k={cfg.top_k}, top_p={cfg.top_p}, seed={cfg.seed}.\n"]
+             f"top_k={cfg.top_k}, top_p={cfg.top_p}, seed={cfg.seed} (+ crc32 of prompt and temperature).\n"]
     for s in samples:
         lines.append(f"## {s['prompt']!r} at temperature {s['temperature']}\n")
         lines.append("```text\n" + s["text"].replace("```", "` ` `") + "\n```\n")
@@ -37,8 +43,9 @@ def main() -> None:
     samples = []
     for prompt in cfg.prompts:
         for temperature in cfg.temperatures:
-            # One generator per (prompt, temperature): each sample reproducible on its own.
-            generator = torch.Generator(device=device).manual_seed(cfg.seed)
+            # One generator per (prompt, temperature), seeded from both: each sample is
+            # reproducible on its own, and prompts do not share one random stream.
+            generator = torch.Generator(device=device).manual_seed(sample_seed(cfg.seed, prompt, temperature))
             idx = torch.tensor([enc.encode_ordinary(prompt) or [enc.eot_token]], device=device)
             out = generate(model, idx, cfg.max_new_tokens, temperature=temperature, top_k=cfg.top_k,
                            top_p=cfg.top_p, eos_id=enc.eot_token, generator=generator)
