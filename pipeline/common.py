@@ -53,25 +53,6 @@ def load_sections(*names: str, path: Path = paths.PARAMS) -> dict[str, StrictMod
     return out
 
 
-def load_trained_model(model_cfg: Any, device_name: str) -> tuple[Any, str, dict[str, Any]]:
-    """The model of `checkpoints/best` (else `last`) on its device: (model, path, saved state)."""
-    from minigpt.checkpoint import load_checkpoint
-    from minigpt.model import GPTModel
-    from minigpt.utils import pick_device
-
-    best = paths.CHECKPOINTS / "best.safetensors"
-    checkpoint = str(best if best.exists() else paths.CHECKPOINTS / "last.safetensors")
-    model = GPTModel(model_cfg)
-    state = load_checkpoint(checkpoint, model)
-    return model.to(pick_device(device_name)).eval(), checkpoint, state
-
-
-def write_json(path: Path, obj: Any) -> None:
-    from minigpt.utils import write_json_atomic
-
-    write_json_atomic(path, obj)
-
-
 def read_json(path: Path) -> Any:
     if not path.is_file():
         raise StageError(f"{path}: not found; run the stage that writes it first (`dvc repro`)")

@@ -8,9 +8,11 @@ from minigpt.config import DataConfig, EvalConfig, ModelConfig, TrackingConfig, 
 from minigpt.data import create_dataloader
 from minigpt.evaluation import score, token_byte_lengths
 from minigpt.tokenizer import get_tokenizer
+from minigpt.utils import write_json_atomic
 from pipeline import paths
-from pipeline.common import load_sections, load_trained_model, stage_main, write_json
+from pipeline.common import load_sections, stage_main
 from pipeline.run import join_run
+from pipeline.trained import load_trained_model
 
 
 @stage_main
@@ -36,7 +38,7 @@ def main() -> None:
         report.update({f"{split}_{k}": v for k, v in scores.items()})
         print(f"evaluate: {split}: loss {scores['loss']:.4f}, perplexity {scores['perplexity']:.1f}, "
               f"{scores['bits_per_byte']:.4f} bits/byte over {scores['tokens']:,} tokens")
-    write_json(paths.EVAL_METRICS, report)
+    write_json_atomic(paths.EVAL_METRICS, report)
     with join_run(tracking):
         mlflow.log_metrics({f"eval.{k}": v for k, v in report.items() if isinstance(v, (int, float))})
         mlflow.log_artifact(str(paths.EVAL_METRICS), artifact_path="reports")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +18,6 @@ import torch
 import mlflow
 from mlflow.tracking import MlflowClient
 
-import minigpt
 from minigpt.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_state
 from minigpt.config import DataConfig, ModelConfig, TrainConfig, TrackingConfig
 from minigpt.data import create_dataloader
@@ -26,9 +26,9 @@ from minigpt.shards import load_manifest
 from minigpt.tokenizer import RANKS_SHA256
 from minigpt.tracking import MetricLogger, log_model
 from minigpt.train import Record, TrainResult, init_distributed, train
-from minigpt.utils import pick_device, seed_everything, sha256_bytes, write_text_atomic
+from minigpt.utils import pick_device, seed_everything, sha256_bytes, write_json_atomic, write_text_atomic
 from pipeline import paths
-from pipeline.common import load_sections, read_params, stage_main, write_json
+from pipeline.common import load_sections, read_params, stage_main
 from pipeline.run import describe, start_run
 
 
@@ -41,9 +41,11 @@ def data_fingerprint() -> str:
 
 
 def code_fingerprint() -> str:
-    """One hash for the code that trains: the minigpt package and the stage scripts."""
-    files = sorted(Path(minigpt.__file__).parent.glob("*.py")) + sorted(Path(__file__).parent.glob("*.py"))
-    return sha256_bytes(b"".join(f.name.encode() + b"\0" + f.read_bytes() for f in files))
+    """One hash for the code that trains: each minigpt and pipeline module this process
+    has imported (the same files dvc.yaml lists as the stage's deps; a test checks)."""
+    modules = sorted((name, Path(module.__file__)) for name, module in list(sys.modules.items())
+                     if name.split(".")[0] in ("minigpt", "pipeline") and getattr(module, "__file__", None))
+    return sha256_bytes(b"".join(name.encode() + b"\0" + path.read_bytes() for name, path in modules))
 
 
 def resume_mode(train_cfg: TrainConfig, run_config: dict, code_sha256: str) -> tuple[str, str | None]:
@@ -181,7 +183,7 @@ def main() -> None:
         metrics = summary(result, time.time() - started, model.num_parameters())
         write_text_atomic(paths.TRAIN_CURVE, curve_csv(result.history))
         plot_curve(result.history, paths.TRAIN_CURVE_PNG)
-        write_json(paths.TRAIN_METRICS, metrics)
+        write_json_atomic(paths.TRAIN_METRICS, metrics)
         mlflow.log_metrics({f"final.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         for path in (paths.TRAIN_METRICS, paths.TRAIN_CURVE, paths.TRAIN_CURVE_PNG):
             mlflow.log_artifact(str(path), artifact_path="reports")
@@ -190,7 +192,7 @@ def main() -> None:
         if tracking.log_model:
             load_checkpoint(best, model)
             log_model(model.cpu(), tracking.register_model)
-        write_json(paths.MLFLOW_RUN, describe(active))
+        write_json_atomic(paths.MLFLOW_RUN, describe(active))
     print(f"pretrain: {metrics['steps']} steps, best val loss {metrics['best_val_loss']:.3f}, "
           f"{metrics['tokens_per_s']:,.0f} tokens/s, MLflow run {active.info.run_id}")
 

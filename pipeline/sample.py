@@ -10,10 +10,11 @@ import torch
 from minigpt.config import DataConfig, ModelConfig, SampleConfig, TrackingConfig
 from minigpt.generate import generate
 from minigpt.tokenizer import get_tokenizer
-from minigpt.utils import write_text_atomic
+from minigpt.utils import write_json_atomic, write_text_atomic
 from pipeline import paths
-from pipeline.common import load_sections, load_trained_model, stage_main, write_json
+from pipeline.common import load_sections, stage_main
 from pipeline.run import join_run
+from pipeline.trained import load_trained_model
 
 
 def sample_seed(seed: int, prompt: str, temperature: float) -> int:
@@ -52,7 +53,7 @@ def main() -> None:
             text = enc.decode(out[0].tolist())
             samples.append({"prompt": prompt, "temperature": temperature, "text": text})
             print(f"--- {prompt!r} @ T={temperature}\n{text}\n")
-    write_json(paths.SAMPLES_JSON, {"checkpoint": checkpoint, "config": cfg.model_dump(), "samples": samples})
+    write_json_atomic(paths.SAMPLES_JSON, {"checkpoint": checkpoint, "config": cfg.model_dump(), "samples": samples})
     write_text_atomic(paths.SAMPLES_MD, to_markdown(samples, cfg, checkpoint))
     with join_run(tracking):
         mlflow.log_artifact(str(paths.SAMPLES_MD), artifact_path="reports")

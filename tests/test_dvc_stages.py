@@ -1,0 +1,65 @@
+"""dvc.yaml against the code: each stage runs its script, depends on every module that
+script imports (else DVC would not re-run it when that code changes), and writes where
+`pipeline.paths` says."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import paths
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+ORDER = ["prepare", "split", "tokenize", "pretrain", "evaluate", "sample"]
+
+IMPORTED_FILES = """
+import json, sys
+import pipeline.{stage}
+print(json.dumps(sorted(m.__file__ for name, m in sys.modules.items()
+                        if name.split(".")[0] in ("minigpt", "pipeline") and getattr(m, "__file__", None))))
+"""
+
+
+def entries(items: list) -> set[str]:
+    """Paths of a deps/outs/metrics list, whose items are strings or one-key mappings."""
+    return {next(iter(item)) if isinstance(item, dict) else item for item in items}
+
+
+def imported_sources(stage: str) -> set[str]:
+    """Repository paths of the minigpt and pipeline modules that `pipeline.<stage>` imports,
+    in a fresh interpreter (this one has imported everything the other tests use)."""
+    out = subprocess.run([sys.executable, "-c", IMPORTED_FILES.format(stage=stage)], cwd=ROOT,
+                         check=True, capture_output=True, text=True).stdout
+    files = {Path(f).resolve().relative_to(ROOT).as_posix() for f in json.loads(out)}
+    return {f for f in files if not f.endswith("__init__.py")}  # no code of their own
+
+
+def test_the_six_stages_in_order():
+    assert list(STAGES) == ORDER
+
+
+@pytest.mark.parametrize("stage", ORDER)
+def test_stage_runs_its_script(stage):
+    assert STAGES[stage]["cmd"] == f"python -m pipeline.{stage}"
+
+
+@pytest.mark.parametrize("stage", ORDER)
+def test_stage_depends_on_all_the_code_it_imports(stage):
+    missing = imported_sources(stage) - entries(STAGES[stage]["deps"])
+    assert not missing, f"dvc.yaml: stage {stage} imports {sorted(missing)} but does not list them as deps"
+
+
+def test_stages_write_where_pipeline_paths_says():
+    written = set()
+    for stage in STAGES.values():
+        written |= entries(stage.get("outs", [])) | entries(stage.get("metrics", []))
+    expected = {paths.DOCUMENTS, paths.SPLIT_DIR, paths.TOKENS_DIR, paths.CHECKPOINTS, paths.TRAIN_METRICS,
+                paths.TRAIN_CURVE, paths.TRAIN_CURVE_PNG, paths.MLFLOW_RUN, paths.EVAL_METRICS,
+                paths.SAMPLES_MD, paths.SAMPLES_JSON}
+    assert written == {p.as_posix() for p in expected}
