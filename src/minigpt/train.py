@@ -246,6 +246,10 @@ def train(
         _check_same_data(read_checkpoint_state(resume_from), run_info, resume_from)
         saved = load_checkpoint(resume_from, model, optimizer, restore_rng=True)
         state = TrainState(**{k: v for k, v in saved.items() if k != "run_info"})
+        if ctx.rank > 0:
+            # The checkpoint holds rank 0's RNG: other ranks would now draw its dropout
+            # masks. Give each its own stream again (exact resume holds for one process).
+            seed_everything(cfg.seed + ctx.rank + ctx.world_size * state.step)
         train_loader.load_state_dict(state.train_loader)
 
     runner: torch.nn.Module = model
