@@ -26,7 +26,7 @@ from minigpt.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from minigpt.config import TrainConfig
 from minigpt.flops import flops_per_token, matmul_flops_per_s
 from minigpt.model import GPTModel
-from minigpt.utils import retain_freed_memory, seed_everything
+from minigpt.utils import release_freed_memory, retain_freed_memory, seed_everything
 
 Record = dict[str, Any]
 Callback = Callable[[Record], None]
@@ -358,6 +358,8 @@ def train(
 
         if state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps:
             val_loss = evaluate(model, val_loader, device, cfg.precision, eval_batches, ctx)
+            if device.type == "cpu":
+                release_freed_memory()  # bounds the creep of a heap that never trims itself
             if not math.isfinite(val_loss):  # these weights are broken: stop before saving them
                 raise diverged(state.step, f"validation loss is {val_loss}")
             state.last_val_loss = val_loss
