@@ -20,6 +20,12 @@ class StageError(Exception):
     """A failure the user can fix; printed as one line, without a traceback."""
 
 
+def project_modules() -> dict[str, Path]:
+    """The minigpt and pipeline modules this process has imported: name -> source file."""
+    return {name: Path(module.__file__) for name, module in list(sys.modules.items())
+            if name.split(".")[0] in ("minigpt", "pipeline") and getattr(module, "__file__", None)}
+
+
 def read_params(path: Path = paths.PARAMS) -> dict[str, Any]:
     if not path.is_file():
         raise StageError(f"{path}: not found; run `make params` (or `dvc exp run`) to compose it from conf/")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from minigpt.tracking import MetricLogger, log_model
 from minigpt.train import Record, TrainResult, init_distributed, train
 from minigpt.utils import pick_device, seed_everything, sha256_bytes, write_json_atomic, write_text_atomic
 from pipeline import paths
-from pipeline.common import load_sections, read_params, stage_main
+from pipeline.common import load_sections, project_modules, read_params, stage_main
 from pipeline.run import describe, start_run
 
 
@@ -43,8 +42,7 @@ def data_fingerprint() -> str:
 def code_fingerprint() -> str:
     """One hash for the code that trains: each minigpt and pipeline module this process
     has imported (the same files dvc.yaml lists as the stage's deps; a test checks)."""
-    modules = sorted((name, Path(module.__file__)) for name, module in list(sys.modules.items())
-                     if name.split(".")[0] in ("minigpt", "pipeline") and getattr(module, "__file__", None))
+    modules = sorted(project_modules().items())
     return sha256_bytes(b"".join(name.encode() + b"\0" + path.read_bytes() for name, path in modules))
 
 

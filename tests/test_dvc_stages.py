@@ -19,10 +19,10 @@ STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 ORDER = ["prepare", "split", "tokenize", "pretrain", "evaluate", "sample"]
 
 IMPORTED_FILES = """
-import json, sys
+import json
 import pipeline.{stage}
-print(json.dumps(sorted(m.__file__ for name, m in sys.modules.items()
-                        if name.split(".")[0] in ("minigpt", "pipeline") and getattr(m, "__file__", None))))
+from pipeline.common import project_modules
+print(json.dumps(sorted(str(path) for path in project_modules().values())))
 """
 
 

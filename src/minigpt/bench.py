@@ -390,10 +390,6 @@ def bench_data(quick: bool) -> dict[str, Any]:
     """minigpt.bench_data's metrics, measured in a child process: the data stages run on
     glibc's default policy in the pipeline, and their memory target (tokenize.peak_rss_mb)
     must be measured that way too, not under `retain_freed_memory`."""
-    try:
-        import minigpt.bench_data  # noqa: F401
-    except ImportError as err:  # the data stages are not there yet
-        return {"data.skipped": f"minigpt.bench_data unavailable: {err}"}
     proc = subprocess.run([sys.executable, "-c", _DATA_BENCH, "1" if quick else "0"],
                           stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
