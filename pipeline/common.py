@@ -7,13 +7,16 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import ValidationError
 
-from minigpt.config import PipelineConfig, StrictModel, check_length_fits, format_validation_error
+from minigpt.config import PipelineConfig, format_validation_error
 from pipeline import paths
+
+if TYPE_CHECKING:  # the data stages (prepare, split, tokenize) must not import torch
+    import torch
 
 
 class StageError(Exception):
@@ -35,28 +38,27 @@ def read_params(path: Path = paths.PARAMS) -> dict[str, Any]:
     return params
 
 
-def load_sections(*names: str, path: Path = paths.PARAMS) -> dict[str, StrictModel]:
-    """Validate just the sections a stage reads, e.g. `load_sections("model", "train")`.
-
-    A stage depends (in dvc.yaml) only on the keys it reads, so it must not fail on,
-    or re-run for, a section that belongs to another stage.
-    """
+def load_config(*sections: str, path: Path = paths.PARAMS) -> PipelineConfig:
+    """Validate just the sections a stage reads, e.g. `cfg = load_config("model", "train")`,
+    then `cfg.train.lr`; the sections it did not ask for are None."""
     params = read_params(path)
-    fields = PipelineConfig.model_fields
-    out: dict[str, StrictModel] = {}
-    for name in names:
-        if name not in params:
-            raise StageError(f"{path}: section `{name}` is missing")
-        try:
-            out[name] = fields[name].annotation.model_validate(params[name])
-        except ValidationError as err:
-            raise StageError(f"{path}: {format_validation_error(err, name)}") from None
-    if "model" in out and "data" in out:
-        try:
-            check_length_fits(out["data"].max_length, out["model"].context_length)
-        except ValueError as err:
-            raise StageError(f"{path}: {err}") from None
-    return out
+    missing = [name for name in sections if name not in params]
+    if missing:
+        raise StageError(f"{path}: section `{missing[0]}` is missing")
+    try:
+        return PipelineConfig.model_validate({name: params[name] for name in sections})
+    except ValidationError as err:
+        raise StageError(f"{path}: {format_validation_error(err)}") from None
+
+
+def stage_device(name: str) -> torch.device:
+    """The device `train.device` names, or a StageError if this machine lacks it."""
+    from minigpt.utils import pick_device
+
+    try:
+        return pick_device(name)
+    except ValueError as err:
+        raise StageError(f"{paths.PARAMS}: train.device: {err}") from None
 
 
 def read_json(path: Path) -> Any:
@@ -65,20 +67,36 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def stage_name(fn: Callable) -> str:
+    """`pretrain` for pipeline.pretrain, also when it runs as `python -m pipeline.pretrain`
+    (then the function's module is `__main__`, and the real name is on its spec)."""
+    module = fn.__module__
+    if module == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else Path(sys.argv[0]).stem
+    return module.rsplit(".", 1)[-1]
+
+
 def stage_main(fn: Callable[[], None]) -> Callable[[], None]:
     """Run a stage; a known error becomes `stage: error: ...` and exit status 1."""
 
     @functools.wraps(fn)
     def wrapper() -> None:
         from minigpt.checkpoint import CheckpointError
-        from minigpt.corpus import DataError
+        from minigpt.io import DataError
         from minigpt.train import TrainingDiverged
 
-        stage = fn.__module__.rsplit(".", 1)[-1]
+        stage = stage_name(fn)
         try:
             fn()
         except (StageError, DataError, CheckpointError, TrainingDiverged) as err:
             print(f"{stage}: error: {err}", file=sys.stderr)
+            sys.exit(1)
+        except OSError as err:  # a file it cannot write or read: full disk, read-only folder, ...
+            # A failed rename names the temporary source first; the user knows the destination.
+            name = err.filename2 or err.filename
+            where = f"{name}: " if name else ""
+            print(f"{stage}: error: {where}{err.strerror or err}", file=sys.stderr)
             sys.exit(1)
 
     return wrapper

@@ -15,7 +15,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from minigpt.utils import write_text_atomic
+from minigpt.io import write_text_atomic
 from pipeline import paths
 
 CONF_DIR = Path("conf")

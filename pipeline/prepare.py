@@ -1,13 +1,13 @@
 """Stage 1: acquire the raw corpus into a table of documents."""
 
-from minigpt.corpus import acquire
+from minigpt.data.sources import acquire
 from pipeline import paths
-from pipeline.common import load_sections, stage_main
+from pipeline.common import load_config, stage_main
 
 
 @stage_main
 def main() -> None:
-    data = load_sections("data")["data"]
+    data = load_config("data").data
     n = acquire(data.source, paths.DOCUMENTS)
     print(f"prepare: {n} documents -> {paths.DOCUMENTS}")
 

@@ -2,40 +2,53 @@
 
 Runs as one process (`dvc repro`) or several (`torchrun --nproc_per_node N -m
 pipeline.pretrain`); only rank 0 talks to MLflow and writes files.
+
+DVC keeps `checkpoints/` between runs (`persist`), so this stage decides what a
+re-run means (the README's Resume section says the same):
+- the same params and code, after a kill: continue `last` exactly where it stopped;
+- only a budget raised (max_steps, max_tokens, max_time): continue training;
+- the run in `last` already complete: train nothing, regenerate the reports;
+- anything else (other params or code, a budget cut, a corrupted checkpoint): start afresh.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import os
+import math
 import time
 from pathlib import Path
-
-import torch
+from typing import Any
 
 import mlflow
+import torch
 from mlflow.tracking import MlflowClient
 
-from minigpt.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_state
-from minigpt.config import DataConfig, ModelConfig, TrainConfig, TrackingConfig
+from minigpt.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_state, remove_partial_checkpoints
+from minigpt.config import TrainConfig
 from minigpt.data import create_dataloader
+from minigpt.data.shards import verify_shards
+from minigpt.io import atomic_path, sha256_bytes, write_json_atomic, write_text_atomic
 from minigpt.model import GPTModel
-from minigpt.shards import load_manifest
 from minigpt.tokenizer import RANKS_SHA256
-from minigpt.tracking import MetricLogger, log_model
-from minigpt.train import Record, TrainResult, init_distributed, train
-from minigpt.utils import pick_device, seed_everything, sha256_bytes, write_json_atomic, write_text_atomic
+from minigpt.train import Record, TrainState, init_distributed, stop_reason, train
+from minigpt.utils import seed_everything
 from pipeline import paths
-from pipeline.common import load_sections, project_modules, read_params, stage_main
-from pipeline.run import describe, start_run
+from pipeline.common import load_config, project_modules, read_params, stage_device, stage_main
+from pipeline.run import connect, describe, start_run
+from pipeline.tracking import MetricLogger, log_model, run_status
+
+BUDGET_KEYS = ("max_steps", "max_tokens", "max_time")
 
 
-def data_fingerprint() -> str:
-    """One hash for the exact tokens trained and validated on (their manifests hold shard sha256s)."""
-    manifests = [(d / "manifest.json").read_bytes() for d in (paths.TRAIN_TOKENS, paths.VAL_TOKENS)]
-    for d in (paths.TRAIN_TOKENS, paths.VAL_TOKENS):
-        load_manifest(d)  # refuses a foreign or missing manifest with a clear error
+def data_fingerprint(vocab_size: int) -> str:
+    """One hash for the exact tokens trained and validated on. Each shard's sha256 is checked
+    against its manifest first: a shard list that points elsewhere, or a changed file,
+    stops the stage here instead of training on the wrong tokens."""
+    manifests = []
+    for shard_dir in (paths.TRAIN_TOKENS, paths.VAL_TOKENS):
+        verify_shards(shard_dir, vocab_size)
+        manifests.append((shard_dir / "manifest.json").read_bytes())
     return sha256_bytes(b"".join(manifests))
 
 
@@ -46,35 +59,43 @@ def code_fingerprint() -> str:
     return sha256_bytes(b"".join(name.encode() + b"\0" + path.read_bytes() for name, path in modules))
 
 
-def resume_mode(train_cfg: TrainConfig, run_config: dict, code_sha256: str) -> tuple[str, str | None]:
-    """Continue `checkpoints/last` only if it was trained with this very config and code.
-
-    DVC keeps the checkpoint folder between runs (`persist`), so an interrupted
-    `dvc repro` picks up where it stopped; budget keys (max_steps, max_tokens,
-    max_time) may grow. Any other change, a code change included (that is why DVC
-    re-runs the stage), starts afresh. Returns (resume, run id).
-    """
+def resume_mode(train_cfg: TrainConfig, run_config: dict, code_sha256: str) -> tuple[str, dict[str, Any] | None]:
+    """Continue `checkpoints/last` only if it was trained with this config and code, and no
+    budget was cut. Returns (train.resume to use, the saved state of the run continued)."""
     last = paths.CHECKPOINTS / "last.safetensors"
     if train_cfg.resume != "auto" or not last.exists():
         return train_cfg.resume, None
     try:
-        saved = read_checkpoint_state(last).get("run_info", {})
+        # The whole file, not just its header: a corrupted checkpoint found only once a
+        # run has been reopened would mark a finished run FAILED.
+        saved = read_checkpoint_state(last, verify=True)
     except CheckpointError as err:
-        print(f"pretrain: not resuming: {err}")
+        print(f"pretrain: not resuming: {err}; starting afresh")
         return "never", None
-    if _without_budget(saved.get("config", {})) != _without_budget(run_config):
+    info = saved.get("run_info", {})
+    old_config = info.get("config", {})
+    if _without_budget(old_config) != _without_budget(run_config):
         print("pretrain: checkpoints/last was trained with other params; starting afresh")
         return "never", None
-    if saved.get("code_sha256") != code_sha256:
+    if info.get("code_sha256") != code_sha256:
         print("pretrain: checkpoints/last was trained by other code; starting afresh")
         return "never", None
-    print(f"pretrain: resuming from {last}")
-    return "auto", saved.get("mlflow_run_id")
+    for key in BUDGET_KEYS:
+        old, new = (_budget(config.get("train", {}).get(key)) for config in (old_config, run_config))
+        if new < old:
+            print(f"pretrain: train.{key} was cut ({old} -> {new}): the run in checkpoints/last went "
+                  f"further; starting afresh")
+            return "never", None
+    print(f"pretrain: resuming from {last} (step {saved.get('step')})")
+    return "auto", saved
+
+
+def _budget(value: float | None) -> float:
+    return math.inf if value is None else value
 
 
 def _without_budget(config: dict) -> dict:
-    train = {k: v for k, v in config.get("train", {}).items()
-             if k not in ("max_steps", "max_tokens", "max_time", "resume")}
+    train = {k: v for k, v in config.get("train", {}).items() if k not in (*BUDGET_KEYS, "resume")}
     return {**config, "train": train}
 
 
@@ -113,86 +134,104 @@ def plot_curve(history: list[Record], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with_tmp = path.with_suffix(".tmp.png")
-    fig.savefig(with_tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(with_tmp, path)
 
 
-def summary(result: TrainResult, seconds: float, n_params: int) -> dict:
-    train_recs = [r for r in result.history if r["kind"] == "train"]
+def summary(state: TrainState, reason: str, n_params: int) -> dict:
+    """reports/train.json: the whole run, however many executions it took."""
+    train_recs = [r for r in state.history if r["kind"] == "train"]
     return {
-        "steps": result.state.step,
-        "tokens": result.state.tokens_seen,
-        "stop_reason": result.stop_reason,
+        "steps": state.step,
+        "tokens": state.tokens_seen,
+        "stop_reason": reason,
         "train_loss": train_recs[-1]["train_loss"] if train_recs else None,
-        "best_val_loss": result.state.best_val_loss,
-        "last_val_loss": result.state.last_val_loss,
-        "tokens_per_s": result.state.tokens_seen / max(result.state.train_time, 1e-9),
-        "train_seconds": round(result.state.train_time, 1),
-        "wall_seconds": round(seconds, 1),
+        "best_val_loss": state.best_val_loss,
+        "last_val_loss": state.last_val_loss,
+        "tokens_per_s": state.tokens_seen / max(state.train_time, 1e-9),
+        "train_seconds": round(state.train_time, 1),
         "parameters": n_params,
     }
 
 
+def write_reports(state: TrainState, reason: str, n_params: int) -> dict:
+    metrics = summary(state, reason, n_params)
+    write_text_atomic(paths.TRAIN_CURVE, curve_csv(state.history))
+    plot_curve(state.history, paths.TRAIN_CURVE_PNG)
+    write_json_atomic(paths.TRAIN_METRICS, metrics)
+    return metrics
+
+
 @stage_main
 def main() -> None:
-    sections = load_sections("model", "data", "train", "tracking")
-    model_cfg: ModelConfig = sections["model"]
-    data_cfg: DataConfig = sections["data"]
-    train_cfg: TrainConfig = sections["train"]
-    tracking: TrackingConfig = sections["tracking"]
+    cfg = load_config("model", "data", "train", "tracking")
     params = read_params()
     run_config = {k: params[k] for k in ("model", "data", "train")}
 
-    device = pick_device(train_cfg.device)
+    device = stage_device(cfg.train.device)
     ctx = init_distributed(device)
     if device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)
+    if ctx.is_main:
+        experiment_id = connect(cfg.tracking)  # a dead tracking server fails now, not after training
+        for leftover in remove_partial_checkpoints(paths.CHECKPOINTS):
+            print(f"pretrain: removed {leftover}, left by an interrupted checkpoint write")
 
-    loader_args = dict(max_length=data_cfg.max_length, batch_size=train_cfg.micro_batch_size,
-                       seed=data_cfg.shuffle_seed, num_workers=data_cfg.num_workers,
-                       rank=ctx.rank, world_size=ctx.world_size, context_length=model_cfg.context_length)
-    train_loader = create_dataloader(paths.TRAIN_TOKENS, stride=data_cfg.stride, train=True, **loader_args)
+    loader_args = dict(max_length=cfg.data.max_length, batch_size=cfg.train.micro_batch_size,
+                       seed=cfg.data.shuffle_seed, num_workers=cfg.data.num_workers,
+                       rank=ctx.rank, world_size=ctx.world_size, vocab_size=cfg.model.vocab_size)
+    train_loader = create_dataloader(paths.TRAIN_TOKENS, stride=cfg.data.stride, train=True, **loader_args)
     val_loader = create_dataloader(paths.VAL_TOKENS, train=False, **loader_args)
 
     code_sha256 = code_fingerprint()
-    resume, previous_run = resume_mode(train_cfg, run_config, code_sha256)
-    train_cfg = train_cfg.model_copy(update={"resume": resume})
+    resume, saved = resume_mode(cfg.train, run_config, code_sha256)
+    train_cfg = cfg.train.model_copy(update={"resume": resume})
     seed_everything(train_cfg.seed)
-    model = GPTModel(model_cfg)
-    run_info = {"config": run_config, "data_sha256": data_fingerprint(), "tokenizer_sha256": RANKS_SHA256,
-                "code_sha256": code_sha256}
-
+    model = GPTModel(cfg.model)
+    run_info = {"config": run_config, "data_sha256": data_fingerprint(cfg.model.vocab_size),
+                "tokenizer_sha256": RANKS_SHA256, "code_sha256": code_sha256}
+    train_args = dict(run_info=run_info, device=device, ctx=ctx, max_length=cfg.data.max_length)
     if not ctx.is_main:
-        train(model, train_cfg, train_loader, val_loader, paths.CHECKPOINTS, run_info=run_info,
-              device=device, ctx=ctx, max_length=data_cfg.max_length)
+        train(model, train_cfg, train_loader, val_loader, paths.CHECKPOINTS, **train_args)
         return
+
+    previous = saved["run_info"].get("mlflow_run_id") if saved else None
+    status = run_status(previous) if previous else None
+    saved_state = TrainState.from_saved(saved) if saved else None
+    if saved_state and status == "FINISHED" and (reason := stop_reason(saved_state, train_cfg)):
+        # Nothing left to train, and its run is complete: leave the run as it is.
+        write_reports(saved_state, reason, model.num_parameters())
+        write_json_atomic(paths.MLFLOW_RUN, describe(previous, experiment_id))
+        print(f"pretrain: checkpoints/last already holds the finished run ({saved_state.step} steps, "
+              f"{reason}); reports regenerated, MLflow run {previous} unchanged")
+        return
+
+    # A finished run stays finished: training it further (a raised budget) is a new run.
+    reopen, continues = (None, previous) if status == "FINISHED" else (previous, None)
     started = time.time()
-    with start_run(tracking, params, run_info, resume_run_id=previous_run) as active:
+    with start_run(cfg.tracking, params, run_info, reopen_run_id=reopen, continues_run_id=continues) as active:
         run_info["mlflow_run_id"] = active.info.run_id
         metric_logger = MetricLogger(MlflowClient(), active.info.run_id)
+        if continues:
+            metric_logger.replay(saved_state.history)  # so this run's charts show the whole training
         result = train(model, train_cfg, train_loader, val_loader, paths.CHECKPOINTS,
-                       callbacks=(metric_logger,), run_info=run_info,
-                       device=device, ctx=ctx, max_length=data_cfg.max_length)
+                       callbacks=(metric_logger,), **train_args)
         metric_logger.flush()
-        # A resumed run's history starts at the resume point: the curve shows this execution.
-        metrics = summary(result, time.time() - started, model.num_parameters())
-        write_text_atomic(paths.TRAIN_CURVE, curve_csv(result.history))
-        plot_curve(result.history, paths.TRAIN_CURVE_PNG)
-        write_json_atomic(paths.TRAIN_METRICS, metrics)
+        metrics = write_reports(result.state, result.stop_reason, model.num_parameters())
         mlflow.log_metrics({f"final.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         for path in (paths.TRAIN_METRICS, paths.TRAIN_CURVE, paths.TRAIN_CURVE_PNG):
             mlflow.log_artifact(str(path), artifact_path="reports")
         best = result.best_checkpoint or result.last_checkpoint
         mlflow.log_artifact(str(best), artifact_path="checkpoint")
-        if tracking.log_model:
+        if cfg.tracking.log_model:
             load_checkpoint(best, model)
-            log_model(model.cpu(), tracking.register_model)
-        write_json_atomic(paths.MLFLOW_RUN, describe(active))
+            log_model(model.cpu(), cfg.tracking.register_model)
+        write_json_atomic(paths.MLFLOW_RUN, describe(active.info.run_id, active.info.experiment_id))
     print(f"pretrain: {metrics['steps']} steps, best val loss {metrics['best_val_loss']:.3f}, "
-          f"{metrics['tokens_per_s']:,.0f} tokens/s, MLflow run {active.info.run_id}")
+          f"{metrics['tokens_per_s']:,.0f} tokens/s in {time.time() - started:.0f} s, "
+          f"MLflow run {active.info.run_id}")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ from typing import Any
 import mlflow
 
 from minigpt.config import TrackingConfig
-from minigpt.tracking import git_tags, log_config, open_run, tracking_uri
 from pipeline import paths
 from pipeline.common import StageError, read_json
+from pipeline.tracking import ensure_experiment, git_tags, log_config, open_run, tracking_uri
 
 
 def project_root() -> Path:
@@ -28,9 +28,18 @@ def dvc_tags() -> dict[str, str]:
     return {tag: os.environ[env] for env, tag in names.items() if os.environ.get(env)}
 
 
+def connect(tracking: TrackingConfig) -> str:
+    """Check the store (a dead server fails here, in seconds) and create the experiment; its id."""
+    return ensure_experiment(tracking.experiment, project_root())
+
+
 def start_run(tracking: TrackingConfig, params: dict[str, Any], run_info: dict[str, Any],
-              resume_run_id: str | None = None) -> mlflow.ActiveRun:
-    """Open (or, for a resumed training, reopen) the run and record config and provenance."""
+              reopen_run_id: str | None = None, continues_run_id: str | None = None) -> mlflow.ActiveRun:
+    """Open a run (or reopen an unfinished one) and record config and provenance.
+
+    `continues_run_id`: a finished run whose training this one continues (a raised
+    budget): the finished run stays as it was, and this one says where it started.
+    """
     tags = {
         **git_tags(Path.cwd()),  # the checkout that actually runs (a temp copy for queued exps)
         **dvc_tags(),
@@ -38,7 +47,9 @@ def start_run(tracking: TrackingConfig, params: dict[str, Any], run_info: dict[s
         "tokenizer.sha256": run_info["tokenizer_sha256"],
         "code.sha256": run_info["code_sha256"],
     }
-    active = open_run(project_root(), tracking.experiment, run_id=resume_run_id,
+    if continues_run_id:
+        tags["minigpt.continues"] = continues_run_id
+    active = open_run(project_root(), tracking.experiment, run_id=reopen_run_id,
                       run_name=tracking.run_name or os.environ.get("DVC_EXP_NAME"), tags=tags)
     log_config(active.info.run_id, params)
     mlflow.log_artifact(str(paths.PARAMS), artifact_path="config")
@@ -57,18 +68,17 @@ def join_run(tracking: TrackingConfig) -> mlflow.ActiveRun:
     return open_run(project_root(), tracking.experiment, run_id=info["run_id"])
 
 
-def describe(active: mlflow.ActiveRun) -> dict[str, str]:
-    return {"run_id": active.info.run_id, "experiment_id": active.info.experiment_id,
-            "tracking_uri": tracking_uri(project_root())}
+def describe(run_id: str, experiment_id: str) -> dict[str, str]:
+    """What reports/mlflow_run.json holds, for the stages that join the run."""
+    return {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": tracking_uri(project_root())}
 
 
 def main() -> None:
     """`python -m pipeline.run`: create the store and experiment once, before parallel runs."""
-    from minigpt.tracking import ensure_experiment
-    from pipeline.common import load_sections
+    from pipeline.common import load_config
 
-    tracking: TrackingConfig = load_sections("tracking")["tracking"]
-    experiment_id = ensure_experiment(tracking.experiment, project_root())
+    tracking = load_config("tracking").tracking
+    experiment_id = connect(tracking)
     print(f"tracking: experiment {tracking.experiment!r} (id {experiment_id}) at {tracking_uri(project_root())}")
 
 

@@ -7,12 +7,12 @@ import zlib
 import mlflow
 import torch
 
-from minigpt.config import DataConfig, ModelConfig, SampleConfig, TrackingConfig
+from minigpt.config import SampleConfig
 from minigpt.generate import generate
 from minigpt.tokenizer import get_tokenizer
-from minigpt.utils import write_json_atomic, write_text_atomic
+from minigpt.io import write_json_atomic, write_text_atomic
 from pipeline import paths
-from pipeline.common import load_sections, stage_main
+from pipeline.common import load_config, stage_device, stage_main
 from pipeline.run import join_run
 from pipeline.trained import load_trained_model
 
@@ -32,14 +32,10 @@ def to_markdown(samples: list[dict], cfg: SampleConfig, checkpoint: str) -> str:
 
 @stage_main
 def main() -> None:
-    sections = load_sections("model", "data", "train", "sample", "tracking")
-    model_cfg: ModelConfig = sections["model"]
-    data_cfg: DataConfig = sections["data"]
-    cfg: SampleConfig = sections["sample"]
-    tracking: TrackingConfig = sections["tracking"]
-
-    enc = get_tokenizer(data_cfg.tokenizer)
-    model, checkpoint, _ = load_trained_model(model_cfg, sections["train"].device)
+    stage = load_config("model", "data", "train", "sample", "tracking")
+    cfg = stage.sample
+    enc = get_tokenizer(stage.data.tokenizer)
+    model, checkpoint, _ = load_trained_model(stage.model, stage_device(stage.train.device))
     device = next(model.parameters()).device
     samples = []
     for prompt in cfg.prompts:
@@ -55,7 +51,7 @@ def main() -> None:
             print(f"--- {prompt!r} @ T={temperature}\n{text}\n")
     write_json_atomic(paths.SAMPLES_JSON, {"checkpoint": checkpoint, "config": cfg.model_dump(), "samples": samples})
     write_text_atomic(paths.SAMPLES_MD, to_markdown(samples, cfg, checkpoint))
-    with join_run(tracking):
+    with join_run(stage.tracking):
         mlflow.log_artifact(str(paths.SAMPLES_MD), artifact_path="reports")
         mlflow.log_artifact(str(paths.SAMPLES_JSON), artifact_path="reports")
 

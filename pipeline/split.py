@@ -1,13 +1,13 @@
 """Stage 2: train/validation split by whole documents, with a manifest."""
 
-from minigpt.corpus import split_documents
+from minigpt.data.split import split_documents
 from pipeline import paths
-from pipeline.common import load_sections, stage_main
+from pipeline.common import load_config, stage_main
 
 
 @stage_main
 def main() -> None:
-    data = load_sections("data")["data"]
+    data = load_config("data").data
     manifest = split_documents(paths.DOCUMENTS, paths.SPLIT_DIR, data.val_fraction, data.split_seed)
     counts = manifest.groupby("split")["chars"].agg(["count", "sum"])
     for split, row in counts.iterrows():

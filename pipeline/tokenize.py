@@ -1,13 +1,13 @@
 """Stage 3: encode each split into uint16 token shards with a manifest."""
 
-from minigpt.shards import tokenize_split
+from minigpt.data.shards import tokenize_split
 from pipeline import paths
-from pipeline.common import load_sections, stage_main
+from pipeline.common import load_config, stage_main
 
 
 @stage_main
 def main() -> None:
-    data = load_sections("data")["data"]
+    data = load_config("data").data
     for split, out_dir in (("train", paths.TRAIN_TOKENS), ("val", paths.VAL_TOKENS)):
         manifest = tokenize_split(
             paths.SPLIT_DIR / f"{split}.parquet", out_dir,

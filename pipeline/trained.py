@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from minigpt.checkpoint import load_checkpoint
 from minigpt.config import ModelConfig
 from minigpt.model import GPTModel
-from minigpt.utils import pick_device
 from pipeline import paths
 
 
-def load_trained_model(model_cfg: ModelConfig, device_name: str) -> tuple[GPTModel, str, dict[str, Any]]:
+def load_trained_model(model_cfg: ModelConfig, device: torch.device) -> tuple[GPTModel, str, dict[str, Any]]:
     """The model of `checkpoints/best` (else `last`) on its device: (model, path, saved state)."""
     best = paths.CHECKPOINTS / "best.safetensors"
     checkpoint = str(best if best.exists() else paths.CHECKPOINTS / "last.safetensors")
     model = GPTModel(model_cfg)
     state = load_checkpoint(checkpoint, model)
-    return model.to(pick_device(device_name)).eval(), checkpoint, state
+    return model.to(device).eval(), checkpoint, state

@@ -54,7 +54,8 @@ def test_default_composition_is_the_quick_cpu_run():
     "override, message",
     [
         ("train.lr=-1", "train.lr: Input should be greater than 0"),
-        ("model.n_heads=5", "model: n_heads: emb_dim (128) must be divisible by n_heads (5)"),
+        ("model.n_heads=5", "model.n_heads: emb_dim (128) must be divisible by n_heads (5)"),
+        ("train.device=banana", "train.device: expected auto, cpu, cuda, cuda:N or mps, got 'banana'"),
         ("data.max_length=4096", "data.max_length: max_length (4096) must be <= model.context_length (128)"),
         ("train.precision=fp8", "train.precision: Input should be 'fp32' or 'bf16'"),
         ("sample.top_p=1.5", "sample.top_p: Input should be less than or equal to 1"),

@@ -101,9 +101,8 @@ def test_model_loss_and_every_param_grad_same_with_and_without_chunks(tie_weight
     plain = GPTModel(cfg)
     chunked = GPTModel(cfg)
     chunked.load_state_dict(plain.state_dict())
-    chunked.loss_chunk_size = 10
     x, y = torch.randint(0, 97, (3, 16)), torch.randint(0, 97, (3, 16))  # (batch, seq) each
-    loss_plain, loss_chunked = plain(x, y), chunked(x, y)
+    loss_plain, loss_chunked = plain(x, y), chunked(x, y, loss_chunk_size=10)
     loss_plain.backward()
     loss_chunked.backward()
     torch.testing.assert_close(loss_chunked, loss_plain, rtol=1e-6, atol=1e-6)

@@ -17,7 +17,7 @@ from pipeline import paths
 from pipeline.pretrain import code_fingerprint, resume_mode
 
 CONFIG = {"model": {"n_layers": 1}, "data": {"max_length": 8},
-          "train": {"lr": 1e-3, "max_steps": 10, "max_tokens": None, "max_time": None, "resume": "auto"}}
+          "train": {"lr": 1e-3, "max_steps": 10, "max_tokens": 5_000, "max_time": 30.0, "resume": "auto"}}
 
 
 @pytest.fixture
@@ -35,13 +35,28 @@ def with_train(**changes) -> dict:
     return {**CONFIG, "train": {**CONFIG["train"], **changes}}
 
 
+def continued_run(resume: tuple[str, dict | None]) -> str | None:
+    """The MLflow run id of the saved run that `resume_mode` continues, None when it starts afresh."""
+    mode, saved = resume
+    return saved["run_info"]["mlflow_run_id"] if mode == "auto" and saved else None
+
+
 def test_same_config_and_code_continue_the_run(saved_run):
-    assert resume_mode(TrainConfig(), CONFIG, saved_run) == ("auto", "abc123")
+    assert continued_run(resume_mode(TrainConfig(), CONFIG, saved_run)) == "abc123"
 
 
-@pytest.mark.parametrize("budget", [{"max_steps": 20}, {"max_tokens": 10_000}, {"max_time": 60.0}])
+@pytest.mark.parametrize("budget", [{"max_steps": 20}, {"max_tokens": 10_000}, {"max_time": 60.0},
+                                    {"max_time": None}])
 def test_a_larger_budget_continues_the_run(saved_run, budget):
-    assert resume_mode(TrainConfig(), with_train(**budget), saved_run) == ("auto", "abc123")
+    assert continued_run(resume_mode(TrainConfig(), with_train(**budget), saved_run)) == "abc123"
+
+
+@pytest.mark.parametrize("budget", [{"max_steps": 5}, {"max_tokens": 1_000}, {"max_time": 10.0}])
+def test_a_budget_cut_starts_afresh(saved_run, budget, capsys):
+    """The run in `last` may already have gone past the new budget: keeping it would
+    leave a longer-trained model under params that say otherwise."""
+    assert resume_mode(TrainConfig(), with_train(**budget), saved_run) == ("never", None)
+    assert f"train.{next(iter(budget))} was cut" in capsys.readouterr().out
 
 
 def test_other_params_start_afresh(saved_run, capsys):
@@ -57,13 +72,23 @@ def test_other_code_starts_afresh(saved_run, capsys):
 def test_resume_never_and_no_checkpoint(saved_run):
     assert resume_mode(TrainConfig(resume="never"), CONFIG, saved_run) == ("never", None)
     (paths.CHECKPOINTS / "last.safetensors").unlink()
-    assert resume_mode(TrainConfig(), CONFIG, saved_run) == ("auto", None)
+    assert resume_mode(TrainConfig(), CONFIG, saved_run) == ("auto", None)  # nothing to resume
 
 
 def test_a_corrupt_checkpoint_starts_afresh(saved_run, capsys):
     (paths.CHECKPOINTS / "last.safetensors").write_bytes(b"not a checkpoint")
     assert resume_mode(TrainConfig(), CONFIG, saved_run) == ("never", None)
     assert "not resuming" in capsys.readouterr().out
+
+
+def test_a_checkpoint_with_a_flipped_byte_in_its_tensors_starts_afresh(saved_run, capsys):
+    """The header still parses: only checking the whole file finds it, before any run is reopened."""
+    last = paths.CHECKPOINTS / "last.safetensors"
+    data = bytearray(last.read_bytes())
+    data[-5] ^= 0xFF  # inside the last tensor, far from the JSON header
+    last.write_bytes(bytes(data))
+    assert resume_mode(TrainConfig(), CONFIG, saved_run) == ("never", None)
+    assert "do not match their sha256" in capsys.readouterr().out
 
 
 def test_the_code_fingerprint_sees_a_changed_library_file(tmp_path, monkeypatch):

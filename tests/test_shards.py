@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from minigpt import corpus
 from minigpt.config import ShakespeareSource
-from minigpt.corpus import DataError, DocumentWriter, acquire, iter_documents, split_documents
-from minigpt.shards import (
+from minigpt.data import documents
+from minigpt.data.documents import DocumentWriter, iter_documents
+from minigpt.data.shards import (
     HEADER_BYTES,
     load_manifest,
     load_tokens,
@@ -23,6 +23,9 @@ from minigpt.shards import (
     verify_shards,
     write_shards,
 )
+from minigpt.data.sources import acquire
+from minigpt.data.split import split_documents
+from minigpt.io import DataError
 from minigpt.tokenizer import EOT_TOKEN, get_tokenizer
 
 DOCS = [
@@ -49,7 +52,7 @@ def enc():
 @pytest.mark.parametrize("num_proc", [1, 2])
 def test_decode_of_shards_reproduces_documents_with_eot_separators(tmp_path, monkeypatch, enc, num_proc):
     monkeypatch.setattr(
-        corpus, "ROW_GROUP_CHARS", 40
+        documents, "ROW_GROUP_CHARS", 40
     )  # several row groups: the parallel path has work to share
     docs = _docs_table(tmp_path / "docs.parquet", DOCS * 3)
     assert pq.ParquetFile(docs).num_row_groups > 1
@@ -175,3 +178,46 @@ def test_benchmark_measures_the_stage_in_a_subprocess(tmp_path):
     assert metrics["tokenize.mb_per_s"] > 0 and 50 < metrics["tokenize.peak_rss_mb"] < 2048
     assert metrics["tokenize.tokens"] == load_manifest(tmp_path / "tokens")["tokens"]
     assert measure_loader(tmp_path / "tokens", batches=10, max_length=16) > 0
+
+
+def _rewrite_manifest(shard_dir, change) -> None:
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    change(manifest)
+    (shard_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("name", ["../val/shard_000000.bin", "/abs/shard.bin", "..", "", "sub\\shard.bin"])
+def test_manifest_may_only_name_files_in_its_own_folder(tmp_path, name):
+    """A train manifest pointing into ../val would silently train on the validation split."""
+    for split in ("train", "val"):
+        write_shards(tmp_path / split, [np.arange(100, dtype=np.uint16)], tokenizer="gpt2", vocab_size=50257,
+                     shard_tokens=100)  # fmt: skip
+    _rewrite_manifest(tmp_path / "train", lambda m: m["shards"][0].update(name=name))
+    with pytest.raises(DataError, match=r"train/manifest\.json: shard name .* is not a file name inside"):
+        open_shards(tmp_path / "train")
+
+
+def test_manifest_without_shard_entries_is_refused(shard_dir):
+    _rewrite_manifest(shard_dir, lambda m: m["shards"][1].pop("sha256"))
+    with pytest.raises(DataError, match=r"`shards` must be a list of entries with \['name', 'sha256', 'tokens'\]"):
+        open_shards(shard_dir)
+    _rewrite_manifest(shard_dir, lambda m: m.pop("vocab_size"))
+    with pytest.raises(DataError, match="no 'vocab_size' field"):
+        open_shards(shard_dir)
+
+
+def test_shards_of_a_larger_vocabulary_than_the_model_are_refused(shard_dir):
+    open_shards(shard_dir, vocab_size=50304)  # a model may round its vocabulary up
+    with pytest.raises(DataError, match=r"shard_000000\.bin: tokenizer gpt2 has 50257 token ids, more than the "
+                                        r"model's vocab_size 256"):  # fmt: skip
+        verify_shards(shard_dir, vocab_size=256)
+
+
+def test_verify_refuses_token_ids_beyond_the_vocabulary(tmp_path):
+    """Ids the header does not allow (a bug in a tokenizer, not damage: the sha256 matches)."""
+    write_shards(tmp_path / "t", [np.array([1, 2, 300, 4], dtype=np.uint16)], tokenizer="bytes", vocab_size=256,
+                 shard_tokens=10)  # fmt: skip
+    open_shards(tmp_path / "t", vocab_size=256)  # the header check cannot see it ...
+    with pytest.raises(DataError, match=r"t/shard_000000\.bin: token id 300 is not below the vocab_size 256"):
+        verify_shards(tmp_path / "t", vocab_size=256)  # ... reading the ids can
+

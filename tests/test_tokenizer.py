@@ -8,14 +8,14 @@ tmp dir, with the network-facing fetchers replaced so nothing is downloaded.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import tarfile
 from pathlib import Path
 
 import pytest
 
+from minigpt import fetch
 from minigpt import tokenizer as tok
+from minigpt.io import DataError
 
 
 def _fail(*_args: object, **_kwargs: object) -> bytes:
@@ -104,9 +104,9 @@ def test_offline_load_from_verified_cache(
     isolated_cache.parent.mkdir(parents=True)
     isolated_cache.write_bytes(good_bytes)
     # Belt and braces: even a direct call to the real fetchers would fail.
-    monkeypatch.setattr(tok, "_fetch_from_pypi_sdist", _fail)
+    monkeypatch.setattr(tok, "_fetch_from_whisper_sdist", _fail)
     monkeypatch.setattr(tok, "_fetch_from_tiktoken_cache", _fail)
-    monkeypatch.setattr(tok.subprocess, "run", _fail)
+    monkeypatch.setattr(fetch.subprocess, "run", _fail)
     enc = tok.get_tokenizer()
     assert enc.encode("Hello, world") == [15496, 11, 995]
     assert tok.ensure_ranks_file() == isolated_cache
@@ -151,7 +151,7 @@ def test_corrupt_cache_not_used_even_if_refetch_fails(
 ) -> None:
     isolated_cache.parent.mkdir(parents=True)
     isolated_cache.write_bytes(b"corrupt")
-    with pytest.warns(tok.TokenizerCacheWarning), pytest.raises(RuntimeError, match="could not obtain"):
+    with pytest.warns(tok.TokenizerCacheWarning), pytest.raises(DataError, match="could not obtain"):
         tok.get_tokenizer()
     assert not isolated_cache.exists()
 
@@ -162,7 +162,7 @@ def test_wrong_hash_source_is_refused(
     evil = good_bytes.replace(b" 995\n", b" 996\n", 1)  # one rank changed
     assert evil != good_bytes
     monkeypatch.setattr(tok, "_SOURCES", [("evil mirror", lambda: evil)])
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(DataError) as info:
         tok.get_tokenizer()
     msg = str(info.value)
     assert "\n" not in msg
@@ -200,78 +200,18 @@ def test_reuses_tiktoken_download_cache(
     assert tok.ensure_ranks_file().read_bytes() == good_bytes
 
 
-def test_cache_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_ranks_file_lives_in_the_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path))
     assert tok.ranks_path() == tmp_path / "tokenizers" / "gpt2.tiktoken"
-    monkeypatch.delenv("MINIGPT_CACHE_DIR")
-    assert tok.cache_dir() == Path.home() / ".cache" / "minigpt"
 
 
-# ------------------------------------------------------------------ sdist extraction
-
-
-def _make_sdist(path: Path, members: dict[str, bytes]) -> str:
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def test_extract_from_sdist(tmp_path: Path) -> None:
-    archive = tmp_path / "openai_whisper-1.tar.gz"
-    digest = _make_sdist(
-        archive,
-        {
-            "openai_whisper-1/setup.py": b"raise SystemExit('must not run')\n",
-            "openai_whisper-1/whisper/assets/gpt2.tiktoken": b"ranks",
-            "openai_whisper-1/whisper/assets/multilingual.tiktoken": b"other",
-        },
-    )
-    assert tok.extract_ranks_from_sdist(archive, digest) == b"ranks"
-
-
-def test_extract_refuses_wrong_archive_hash(tmp_path: Path) -> None:
-    archive = tmp_path / "openai_whisper-1.tar.gz"
-    _make_sdist(archive, {"openai_whisper-1/whisper/assets/gpt2.tiktoken": b"ranks"})
-    with pytest.raises(RuntimeError, match=r"sha256 mismatch for source archive openai_whisper-1\.tar\.gz"):
-        tok.extract_ranks_from_sdist(archive)  # default = the pinned real sdist hash
-
-
-def test_extract_refuses_missing_or_ambiguous_member(tmp_path: Path) -> None:
-    archive = tmp_path / "a.tar.gz"
-    digest = _make_sdist(archive, {"pkg/other/gpt2.tiktoken": b"x"})
-    with pytest.raises(RuntimeError, match="found 0"):
-        tok.extract_ranks_from_sdist(archive, digest)
-    archive2 = tmp_path / "b.tar.gz"
-    digest2 = _make_sdist(
-        archive2,
-        {"a/whisper/assets/gpt2.tiktoken": b"x", "b/whisper/assets/gpt2.tiktoken": b"y"},
-    )
-    with pytest.raises(RuntimeError, match="found 2"):
-        tok.extract_ranks_from_sdist(archive2, digest2)
-
-
-def test_pip_failure_is_one_clear_line(
-    isolated_cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    class Proc:
-        returncode = 1
-        stdout = ""
-        stderr = "ERROR: Could not find a version that satisfies the requirement\nERROR: No matching distribution\n"
-
-    monkeypatch.setattr(tok.subprocess, "run", lambda *a, **k: Proc())
-    with pytest.raises(RuntimeError) as info:
-        tok._fetch_from_pypi_sdist()
-    assert "\n" not in str(info.value)
-    assert "openai-whisper==20250625" in str(info.value) and "exit 1" in str(info.value)
+# ------------------------------------------------------------------ fetching and the CLI
 
 
 @pytest.mark.slow
 def test_real_pypi_fetch(isolated_cache: Path, good_bytes: bytes) -> None:
     """End-to-end: pip download of the pinned sdist yields the verified file."""
-    assert tok._fetch_from_pypi_sdist() == good_bytes
+    assert tok._fetch_from_whisper_sdist() == good_bytes
 
 
 def test_cli_prefetch(good_bytes: bytes, isolated_cache: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:

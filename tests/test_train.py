@@ -213,7 +213,9 @@ def _assert_same_run(reference: tuple[Path, list[dict]], out: Path, records: lis
     assert not different, f"not bit-identical after resume: {different[:5]}"  # weights, AdamW moments, RNG
     assert meta["rng"] == ref_meta["rng"] and meta["optimizer_param_groups"] == ref_meta["optimizer_param_groups"]
     state, ref_state = json.loads(meta["state"]), json.loads(ref_meta["state"])
-    assert {**state, "train_time": 0} == {**ref_state, "train_time": 0}  # step, tokens, best loss, loader position
+    # step, tokens, best loss, loader position; and the history the checkpoint carries
+    assert {**state, "train_time": 0, "history": []} == {**ref_state, "train_time": 0, "history": []}
+    assert _losses(state["history"]) == _losses(ref_records) and len(state["history"]) == len(ref_records)
 
 
 @pytest.mark.slow
@@ -257,10 +259,11 @@ def test_resume_at_any_step_is_bit_identical(corpus, uninterrupted, tmp_path, sa
     out = tmp_path / "run"
     records = _run_interrupted(corpus, out, dies_at_step=saved_step + 1)
     torch.manual_seed(999)  # whatever the process did before: the checkpoint decides
-    result = run_training(
-        corpus, out, RESUME_CFG, model=tiny_model(seed=5, **RESUME_MODEL), run_info=RUN_INFO
-    )
-    _assert_same_run(uninterrupted, out, records + result.history)
+    new_records: list[dict] = []
+    result = run_training(corpus, out, RESUME_CFG, model=tiny_model(seed=5, **RESUME_MODEL), run_info=RUN_INFO,
+                          callbacks=(new_records.append,))
+    _assert_same_run(uninterrupted, out, records + new_records)
+    assert _losses(result.history) == _losses(uninterrupted[1])  # the result reports the whole run
 
 
 @pytest.mark.parametrize("broken", ["rng", "loader"])
@@ -280,7 +283,8 @@ def test_resume_test_would_catch_a_missing_rng_or_loader_restore(
 
         monkeypatch.setattr(ResumableDataLoader, "load_state_dict", lambda self, state: None)
     result = run_training(corpus, out, RESUME_CFG, model_overrides=RESUME_MODEL, run_info=RUN_INFO)
-    assert _losses(result.history) != [x for x in _losses(uninterrupted[1]) if x[0] > 5]
+    resumed = [x for x in _losses(result.history) if x[0] > 5]
+    assert resumed and resumed != [x for x in _losses(uninterrupted[1]) if x[0] > 5]
 
 
 def test_resume_refuses_a_checkpoint_of_other_data(corpus, tmp_path):
@@ -300,17 +304,17 @@ def test_resume_refuses_a_checkpoint_of_other_data(corpus, tmp_path):
 
 def test_resume_after_the_end_does_nothing_and_a_larger_budget_continues(corpus, tmp_path):
     out = tmp_path / "run"
-    run_training(corpus, out, base_config(max_steps=4, lr_decay_steps=8, eval_interval=4))
+    first = run_training(corpus, out, base_config(max_steps=4, lr_decay_steps=8, eval_interval=4))
     before = (out / "last.safetensors").read_bytes()
     again = run_training(
         corpus, out, base_config(max_steps=4, lr_decay_steps=8, eval_interval=4, resume="auto")
     )
-    assert again.state.step == 4 and again.history == []
+    assert again.state.step == 4 and _losses(again.history) == _losses(first.history)  # the whole run's curve
     assert (out / "last.safetensors").read_bytes() == before
     more = run_training(
         corpus, out, base_config(max_steps=8, lr_decay_steps=8, eval_interval=4, resume="auto")
     )
-    assert [r["step"] for r in more.history if r["kind"] == "train"] == [5, 6, 7, 8]
+    assert [r["step"] for r in more.history if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6, 7, 8]
 
 
 def test_evaluating_does_not_change_the_training_run(corpus, tmp_path):
@@ -400,9 +404,9 @@ def test_nan_loss_stops_before_the_update(corpus, tmp_path):
     calls = {"n": 0}
     real_forward = model.forward
 
-    def forward(idx, targets=None, kv_caches=None):
+    def forward(idx, targets=None, **kwargs):
         calls["n"] += 1
-        loss = real_forward(idx, targets, kv_caches)
+        loss = real_forward(idx, targets, **kwargs)
         return loss * math.nan if calls["n"] == 3 and model.training else loss
 
     model.forward = forward  # the third training forward returns NaN

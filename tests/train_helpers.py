@@ -25,7 +25,7 @@ from minigpt import train as train_module
 from minigpt.config import ModelConfig, TrainConfig
 from minigpt.data import create_dataloader
 from minigpt.model import GPTModel
-from minigpt.shards import write_shards
+from minigpt.data.shards import write_shards
 from minigpt.train import DistContext, TrainResult, init_distributed, train
 
 # Public-domain openings (Dickens 1859, Melville 1851, Austen 1813).

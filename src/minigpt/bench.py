@@ -42,8 +42,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import json
-import math
 import platform
 import statistics
 import subprocess
@@ -60,8 +60,9 @@ from minigpt.config import TrainConfig
 from minigpt.flops import flops_per_token, matmul_flops_per_s
 from minigpt.generate import generate
 from minigpt.model import GPTModel
-from minigpt.train import autocast_for, build_optimizer, train
-from minigpt.utils import retain_freed_memory, write_json_atomic
+from minigpt.train import LanguageModelLoss, build_optimizer, train, train_step
+from minigpt.io import write_json_atomic
+from minigpt.utils import eval_mode, retain_freed_memory
 
 SECTIONS = ("hw", "model", "train", "data")
 PRESET = "gpt2-small"
@@ -188,38 +189,33 @@ def naive_generate(model: GPTModel, idx: torch.Tensor, max_new_tokens: int) -> t
     """Greedy decoding the textbook way: each token re-runs the whole window and projects
     every position to the vocabulary. The baseline that `generate` improves on twice:
     logits of the last position only (use_cache=False), and the KV cache on top."""
-    was_training = model.training
-    model.eval()
-    for _ in range(max_new_tokens):
-        logits = model(idx[:, -model.cfg.context_length:])  # (batch, seq, vocab)
-        idx = torch.cat([idx, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
-    model.train(was_training)
+    with eval_mode(model):
+        for _ in range(max_new_tokens):
+            logits = model(idx[:, -model.cfg.context_length:])  # (batch, seq, vocab)
+            idx = torch.cat([idx, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
     return idx
 
 
 # --------------------------------------------------------------------------- train
 class TrainStep:
-    """One optimizer step exactly as `train()` takes it for a single process, one micro-batch:
-    autocast forward with the loss, backward, clip, AdamW step, zero_grad."""
+    """One optimizer step of the trainer itself (`minigpt.train.train_step`) for a single
+    process, one micro-batch, the same batch every time."""
 
     def __init__(self, settings: dict[str, Any], seed: int = 0) -> None:
         self.cfg = TrainConfig(micro_batch_size=BATCH, global_batch_size=BATCH, **settings)
         torch.manual_seed(seed)
         self.model = GPTModel.from_preset(PRESET, context_length=CONTEXT)
-        self.model.loss_chunk_size = self.cfg.loss_chunk_size
         self.model.train()
         self.optimizer = build_optimizer(self.model, self.cfg, CPU)
         self.runner = torch.compile(self.model) if self.cfg.compile else self.model
-        self.x, self.y = _random_batch(BATCH, CONTEXT, self.model.cfg.vocab_size, seed=seed + 1)
+        self.batches = itertools.repeat(_random_batch(BATCH, CONTEXT, self.model.cfg.vocab_size, seed=seed + 1))
+        self.loss_fn = LanguageModelLoss(self.cfg.loss_chunk_size)
 
     def __call__(self) -> float:
-        with autocast_for(CPU, self.cfg.precision):
-            loss = self.runner(self.x, self.y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or math.inf)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        loss, _ = train_step(self.runner, self.optimizer, self.batches, self.loss_fn, lr=self.cfg.lr,
+                             accum_steps=1, precision=self.cfg.precision, grad_clip=self.cfg.grad_clip,
+                             device=CPU)
+        return loss
 
 
 def measure_train_steps(candidates: list[dict[str, Any]], rounds: int, warmup: int = 2,

@@ -31,8 +31,10 @@ import psutil
 import pyarrow.compute as pc
 
 from minigpt.config import ShakespeareSource
-from minigpt.corpus import DocumentWriter, acquire, atomic_file, iter_documents, open_document_table
-from minigpt.data import create_dataloader
+from minigpt.data.documents import DocumentWriter, iter_documents, open_document_table
+from minigpt.data.loader import create_dataloader
+from minigpt.data.sources import acquire
+from minigpt.io import atomic_path as atomic_file
 from minigpt.tokenizer import get_tokenizer
 
 __all__ = [
@@ -76,7 +78,7 @@ def build_repeated_corpus(docs_path: Path, out_path: Path, target_bytes: int) ->
 
 _STAGE = """
 import json, sys, time
-from minigpt.shards import tokenize_split
+from minigpt.data.shards import tokenize_split
 start = time.perf_counter()
 manifest = tokenize_split(sys.argv[1], sys.argv[2], progress=False)
 print(json.dumps({"seconds": time.perf_counter() - start, "tokens": manifest["tokens"]}))

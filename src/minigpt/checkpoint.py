@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from minigpt.utils import atomic_path
+from minigpt.io import atomic_path, remove_stale_temp_files
 
 FORMAT = "minigpt-checkpoint"
 VERSION = "2"  # 2: the payload sha256 also covers the metadata (step, optimizer groups, RNG)
@@ -105,8 +106,28 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         "rng": json.dumps(rng_meta),
     }
     metadata["payload_sha256"] = _payload_digest(tensors, metadata)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+    except (SafetensorError, OSError) as err:  # a full disk, a read-only folder
+        raise CheckpointError(f"checkpoint {path}: could not be written ({err}); the previous one is kept") from None
+
+
+# safetensors' writer goes through its own temporary file (`.tmp` + 6 characters) in the
+# target's folder, beside the one `atomic_path` makes.
+_SAFETENSORS_TEMP = re.compile(r"^\.tmp[0-9A-Za-z]{6}$")
+
+
+def remove_partial_checkpoints(directory: str | Path) -> list[Path]:
+    """Delete what checkpoint writes killed mid-way left in `directory` (both writers'
+    temporary files); call it before training writes there. Returns what was removed."""
+    removed = remove_stale_temp_files(directory)
+    if Path(directory).is_dir():
+        for entry in Path(directory).iterdir():
+            if _SAFETENSORS_TEMP.match(entry.name) and entry.is_file():
+                entry.unlink()
+                removed.append(entry)
+    return removed
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -167,13 +188,16 @@ def _is_alias(model: torch.nn.Module, name: str, weights: dict[str, torch.Tensor
     return any(params[name] is params.get(other) for other in weights)
 
 
-def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
-    """The saved `state` (step, run info, ...) from the header alone, without loading tensors.
+def read_checkpoint_state(path: str | Path, verify: bool = False) -> dict[str, Any]:
+    """The saved `state` (step, run info, ...) from the header alone, without loading tensors;
+    with `verify`, only after checking the whole file against its sha256.
 
     For deciding whether to resume; `load_checkpoint` still verifies the whole file.
     """
     from safetensors import safe_open
 
+    if verify:
+        read_checkpoint(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

@@ -7,9 +7,10 @@ names the field, instead of deep inside a matmul.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class StrictModel(BaseModel):
@@ -70,14 +71,19 @@ def check_length_fits(max_length: int, context_length: int, where: str = "data.m
 
 
 def format_validation_error(err: ValidationError, section: str = "") -> str:
-    """One line per mistake: `section.field: message`."""
-    prefix = f"{section}." if section else ""
+    """One line per mistake: `section.field: message`.
+
+    A model-level check names its field at the start of the message (`n_heads: ...`);
+    that field joins the location, so it reads `model.n_heads: ...` like the others.
+    """
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        loc = ".".join(str(p) for p in (section, *e["loc"]) if p != "")
         msg = e["msg"].removeprefix("Value error, ")
-        where = f"{prefix}{loc}" if loc else prefix.rstrip(".")
-        lines.append(f"{where}: {msg}" if where else msg)
+        field, sep, rest = msg.partition(": ")
+        if loc and sep and field.isidentifier():
+            loc, msg = f"{loc}.{field}", rest
+        lines.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(lines)
 
 
@@ -172,9 +178,16 @@ class TrainConfig(StrictModel):
     log_interval: int = Field(10, gt=0)
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
-    device: str = "auto"
+    device: str = Field("auto", description="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
     loss_chunk_size: int | None = Field(None, gt=0, description="fused head+loss chunk rows; null = plain")
     resume: str = Field("auto", description="'auto' (continue from last if present), 'never', or a checkpoint path")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+            raise ValueError(f"expected auto, cpu, cuda, cuda:N or mps, got {device!r}")
+        return device
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -227,16 +240,19 @@ class TrackingConfig(StrictModel):
 
 
 class PipelineConfig(StrictModel):
-    """The whole of params.yaml, with the checks that span sections."""
+    """params.yaml, or the sections of it that one stage reads (the others stay None), with
+    the checks that span sections. A stage depends (in dvc.yaml) only on the keys it reads,
+    so it must not fail on, or re-run for, a section that belongs to another stage."""
 
-    model: ModelConfig
-    data: DataConfig
-    train: TrainConfig
-    eval: EvalConfig
-    sample: SampleConfig
-    tracking: TrackingConfig
+    model: ModelConfig | None = None
+    data: DataConfig | None = None
+    train: TrainConfig | None = None
+    eval: EvalConfig | None = None
+    sample: SampleConfig | None = None
+    tracking: TrackingConfig | None = None
 
     @model_validator(mode="after")
     def _window_fits_model(self) -> PipelineConfig:
-        check_length_fits(self.data.max_length, self.model.context_length)
+        if self.data is not None and self.model is not None:
+            check_length_fits(self.data.max_length, self.model.context_length)
         return self

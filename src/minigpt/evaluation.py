@@ -10,14 +10,15 @@ import tiktoken
 import torch
 
 from minigpt.model import GPTModel
-from minigpt.train import autocast_for
+from minigpt.utils import autocast_for, eval_mode
 
 
 def token_byte_lengths(enc: tiktoken.Encoding) -> np.ndarray:
     """UTF-8 bytes of text each token id stands for; special tokens (EOT) stand for none."""
+    special = {enc.encode_single_token(token) for token in enc.special_tokens_set}
     lengths = np.zeros(enc.n_vocab, dtype=np.int64)
     for token in range(enc.n_vocab):
-        if token not in enc._special_tokens.values():
+        if token not in special:
             lengths[token] = len(enc.decode_single_token_bytes(token))
     return lengths
 
@@ -30,19 +31,17 @@ def score(model: GPTModel, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     Bits per byte divide the total information (nats -> bits) by the bytes of text
     the target tokens spell, so models with different tokenizers compare fairly.
     """
-    was_training = model.training
-    model.eval()
     total_nats, n_tokens, n_bytes = 0.0, 0, 0
     byte_table = torch.from_numpy(token_bytes)
-    for i, (x, y) in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
-        with autocast_for(device, precision):
-            mean_loss = model(x.to(device), y.to(device)).float().item()
-        total_nats += mean_loss * y.numel()
-        n_tokens += y.numel()
-        n_bytes += int(byte_table[y].sum())
-    model.train(was_training)
+    with eval_mode(model):
+        for i, (x, y) in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            with autocast_for(device, precision):
+                mean_loss = model(x.to(device), y.to(device)).float().item()
+            total_nats += mean_loss * y.numel()
+            n_tokens += y.numel()
+            n_bytes += int(byte_table[y].sum())
     if n_tokens == 0:
         raise ValueError("no batch to evaluate: the split is smaller than one batch")
     loss = total_nats / n_tokens

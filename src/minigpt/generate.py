@@ -6,6 +6,7 @@ import torch
 
 from minigpt.model import GPTModel
 from minigpt.modules import KVCache
+from minigpt.utils import eval_mode
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -89,9 +90,9 @@ def generate(
     """
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(f"idx must be a non-empty (batch, seq) tensor of token ids, got shape {tuple(idx.shape)}")
-    was_training = model.training
-    model.eval()
-    try:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    with eval_mode(model):
         decoder = _Decoder(model, idx.shape[0], use_cache)
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)  # (batch,)
         n_new = min(idx.shape[1], model.cfg.context_length)
@@ -106,5 +107,3 @@ def generate(
             if eos_id is not None and bool(finished.all()):
                 break
         return idx
-    finally:
-        model.train(was_training)

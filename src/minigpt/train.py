@@ -1,9 +1,12 @@
-"""Pretraining loop: AdamW, warmup + cosine LR, clipping, accumulation, eval, checkpoints, DDP.
+"""Training loop: AdamW, warmup + cosine LR, clipping, accumulation, eval, checkpoints, DDP.
 
 Read `train()` top to bottom: build the optimizer, maybe resume, then loop
-(micro-batches -> clip -> step -> log -> evaluate -> checkpoint) until a budget ends.
-Resuming is exact: a checkpoint carries every RNG state and the data position,
-so `N/2 + resume + N/2` steps give bit-identical weights to `N` steps on CPU.
+(`train_step` -> log -> evaluate -> checkpoint) until a budget ends. What is
+minimised is a `LossFn`: language modelling by default; a finetuning task plugs
+in its own (classification, masked instruction loss) and keeps everything else.
+Resuming is exact: a checkpoint carries every RNG state, the data position and
+the run's history, so `N/2 + resume + N/2` steps give bit-identical weights to
+`N` steps on CPU, and the resumed run reports the whole curve.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from minigpt.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from minigpt.config import TrainConfig
 from minigpt.flops import flops_per_token, matmul_flops_per_s
 from minigpt.model import GPTModel
-from minigpt.utils import release_freed_memory, retain_freed_memory, seed_everything
+from minigpt.utils import autocast_for, eval_mode, release_freed_memory, retain_freed_memory, seed_everything
 
 Record = dict[str, Any]
 Callback = Callable[[Record], None]
+# (model or its DDP/compiled wrapper, one batch from the loader, device) -> mean loss of the batch
+LossFn = Callable[[torch.nn.Module, Any, torch.device], torch.Tensor]
 
 
 class TrainingDiverged(RuntimeError):
@@ -39,9 +44,21 @@ class TrainingDiverged(RuntimeError):
 class ResumableLoader(Protocol):
     """What the trainer needs from a data loader (minigpt.data.create_dataloader gives one)."""
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...  # rest of the current epoch
+    def __iter__(self) -> Iterator[Any]: ...  # batches: the rest of the current epoch
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class LanguageModelLoss:
+    """Next-token cross-entropy of `(inputs, targets)` batches, both `(batch, seq)`."""
+
+    def __init__(self, chunk_size: int | None = None) -> None:
+        self.chunk_size = chunk_size  # rows per chunk of the fused head + loss (losses.py)
+
+    def __call__(self, model: torch.nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+        x, y = batch
+        return model(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                     loss_chunk_size=self.chunk_size)
 
 
 # --------------------------------------------------------------------------- distributed
@@ -124,31 +141,58 @@ def build_optimizer(model: GPTModel, cfg: TrainConfig, device: torch.device) -> 
     )
 
 
+# --------------------------------------------------------------------------- one step
+def train_step(runner: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[Any],
+               loss_fn: LossFn, *, lr: float, accum_steps: int, precision: str, grad_clip: float | None,
+               device: torch.device, ctx: DistContext = DistContext()) -> tuple[float, float]:
+    """One optimizer step over `accum_steps` micro-batches; returns (mean loss, grad norm).
+
+    `runner` is the model, or its compiled / DDP wrapper (through which the forward
+    must go for DDP to all-reduce gradients). Raises `TrainingDiverged` without
+    touching the weights when the loss or the gradient is not finite.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(accum_steps):
+        # A DataLoader draws a seed from the global RNG whenever it starts an epoch, so a
+        # run resumed mid-epoch would draw once more than the uninterrupted one and get
+        # other dropout masks. Fetching under fork_rng keeps the loader off that RNG.
+        with torch.random.fork_rng(devices=[]):
+            batch = next(batches)
+        # Only the last micro-batch all-reduces gradients; the others just accumulate.
+        sync = not ctx.enabled or micro == accum_steps - 1
+        with (contextlib.nullcontext() if sync else runner.no_sync()), autocast_for(device, precision):
+            loss = loss_fn(runner, batch, device) / accum_steps
+        loss.backward()
+        loss_sum += loss.detach().float()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(runner.parameters(), grad_clip or math.inf))
+    loss_value = float(_all_reduce_mean(loss_sum, ctx))
+    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        raise TrainingDiverged(f"train loss is {loss_value}, grad norm {grad_norm}; "
+                               f"stopped without applying the update")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, grad_norm
+
+
 # --------------------------------------------------------------------------- evaluation
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: ResumableLoader, device: torch.device, precision: str = "fp32",
-             max_batches: int | None = None, ctx: DistContext = DistContext()) -> float:
+             max_batches: int | None = None, ctx: DistContext = DistContext(),
+             loss_fn: LossFn = LanguageModelLoss()) -> float:
     """Mean loss over the first `max_batches` validation batches (the same ones every call)."""
-    was_training = model.training
-    model.eval()
     total = torch.zeros((), device=device)
     count = 0
     # A DataLoader draws a seed from the global RNG on every pass: under fork_rng, how often
     # we evaluate cannot change the dropout masks (so the losses) of the training run.
-    with torch.random.fork_rng(devices=[]):
-        for x, y in loader:
+    with eval_mode(model), torch.random.fork_rng(devices=[]):
+        for batch in loader:
             with autocast_for(device, precision):
-                total += model(x.to(device), y.to(device)).float()
+                total += loss_fn(model, batch, device).float()
             count += 1
             if max_batches is not None and count >= max_batches:
                 break  # before fetching a batch that would not be used
-    model.train(was_training)
     if count == 0:
         raise ValueError("validation loader yielded no batch: the validation split is too small")
     return float(_all_reduce_mean(total / count, ctx))
@@ -166,6 +210,14 @@ class TrainState:
     evals_without_improvement: int = 0
     last_val_loss: float | None = None
     train_loader: dict[str, Any] = field(default_factory=dict)
+    # Every record of the run so far, so a resumed (or already finished) run reports
+    # the whole curve, not just the steps of its last execution.
+    history: list[Record] = field(default_factory=list)
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> TrainState:
+        """The counters of a checkpoint's saved state (which also holds its `run_info`)."""
+        return cls(**{k: v for k, v in saved.items() if k != "run_info"})
 
 
 @dataclass
@@ -174,11 +226,24 @@ class TrainResult:
     stop_reason: str
     last_checkpoint: Path
     best_checkpoint: Path | None
-    history: list[Record]
+    history: list[Record]  # the whole run's records, those restored from a checkpoint included
 
 
-def _checkpoint_state(state: TrainState, run_info: dict[str, Any]) -> dict[str, Any]:
-    return {**state.__dict__, "run_info": run_info}
+def stop_reason(state: TrainState, cfg: TrainConfig) -> str | None:
+    """Why a run in `state` must not take another step under `cfg`, or None.
+
+    Also answers, before any training, whether a saved run is already complete.
+    (`max_time` is checked in the loop, agreed between DDP ranks.)
+    """
+    if cfg.patience is not None and state.evals_without_improvement >= cfg.patience:
+        return "early_stopping"
+    if state.step >= cfg.max_steps:
+        return "max_steps"
+    if cfg.max_tokens is not None and state.tokens_seen >= cfg.max_tokens:
+        return "max_tokens"
+    if cfg.max_time is not None and state.train_time >= cfg.max_time:
+        return "max_time"
+    return None
 
 
 def _resume_path(cfg: TrainConfig, out_dir: Path) -> Path | None:
@@ -193,12 +258,22 @@ def _resume_path(cfg: TrainConfig, out_dir: Path) -> Path | None:
     return path
 
 
-def _check_same_data(saved: dict[str, Any], run_info: dict[str, Any], path: Path) -> None:
-    """Refuse to continue a run on different data or tokenizer: the curves would lie."""
-    for key in ("data_sha256", "tokenizer_sha256"):
-        old, new = saved.get("run_info", {}).get(key), run_info.get(key)
+def _restore(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: ResumableLoader,
+             run_info: dict[str, Any], cfg: TrainConfig, ctx: DistContext) -> TrainState:
+    """Load a checkpoint into model, optimizer, RNG and loader; return its counters."""
+    # Check the data from the header first, so a refused checkpoint leaves model and RNG untouched.
+    saved_info = read_checkpoint_state(path).get("run_info", {})
+    for key in ("data_sha256", "tokenizer_sha256"):  # continuing on other data: the curves would lie
+        old, new = saved_info.get(key), run_info.get(key)
         if old and new and old != new:
             raise CheckpointError(f"checkpoint {path}: trained with {key}={old[:12]}…, this run has {new[:12]}…")
+    state = TrainState.from_saved(load_checkpoint(path, model, optimizer, restore_rng=True))
+    if ctx.rank > 0:
+        # The checkpoint holds rank 0's RNG: other ranks would now draw its dropout
+        # masks. Give each its own stream again (exact resume holds for one process).
+        seed_everything(cfg.seed + ctx.rank + ctx.world_size * state.step)
+    loader.load_state_dict(state.train_loader)
+    return state
 
 
 # --------------------------------------------------------------------------- loop
@@ -209,6 +284,7 @@ def train(
     val_loader: ResumableLoader,
     out_dir: str | Path,
     *,
+    loss_fn: LossFn | None = None,
     callbacks: tuple[Callback, ...] = (),
     run_info: dict[str, Any] | None = None,
     device: torch.device | None = None,
@@ -220,16 +296,15 @@ def train(
 
     Writes `last.safetensors` (every `checkpoint_interval` steps and at the end) and
     `best.safetensors` (lowest validation loss) into `out_dir`, from rank 0 only.
-    Each record (`kind` = "train" or "eval") is passed to every callback on rank 0.
+    Each new record (`kind` = "train" or "eval") is passed to every callback on rank 0.
     On CPU it switches the process's malloc to keep freed memory (`retain_freed_memory`).
     """
-    out_dir = Path(out_dir)
-    run_info = run_info or {}
+    out_dir, run_info = Path(out_dir), run_info or {}
     device = device or next(model.parameters()).device
     if device.type == "cpu":
         retain_freed_memory()  # process-wide; see its docstring for the 1.6x
     model.to(device)
-    model.loss_chunk_size = cfg.loss_chunk_size
+    loss_fn = loss_fn or LanguageModelLoss(cfg.loss_chunk_size)
     accum_steps = cfg.global_batch_size // (cfg.micro_batch_size * ctx.world_size)
     if accum_steps * cfg.micro_batch_size * ctx.world_size != cfg.global_batch_size:
         raise ValueError(
@@ -238,23 +313,11 @@ def train(
         )
 
     optimizer = build_optimizer(model, cfg, device)
-    state = TrainState()
     seed_everything(cfg.seed + ctx.rank)  # dropout masks differ per rank, as they should
     resume_from = _resume_path(cfg, out_dir)
-    if resume_from is not None:
-        # Check the data from the header first, so a refused checkpoint leaves model and RNG untouched.
-        _check_same_data(read_checkpoint_state(resume_from), run_info, resume_from)
-        saved = load_checkpoint(resume_from, model, optimizer, restore_rng=True)
-        state = TrainState(**{k: v for k, v in saved.items() if k != "run_info"})
-        if ctx.rank > 0:
-            # The checkpoint holds rank 0's RNG: other ranks would now draw its dropout
-            # masks. Give each its own stream again (exact resume holds for one process).
-            seed_everything(cfg.seed + ctx.rank + ctx.world_size * state.step)
-        train_loader.load_state_dict(state.train_loader)
-
-    runner: torch.nn.Module = model
-    if cfg.compile:
-        runner = torch.compile(model)
+    state = TrainState() if resume_from is None else _restore(
+        resume_from, model, optimizer, train_loader, run_info, cfg, ctx)
+    runner: torch.nn.Module = torch.compile(model) if cfg.compile else model
     if ctx.enabled:
         runner = DistributedDataParallel(runner, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
 
@@ -269,15 +332,13 @@ def train(
     # depend on the number of processes.
     eval_batches = None if cfg.eval_batches is None else math.ceil(cfg.eval_batches / ctx.world_size)
     last_path, best_path = out_dir / "last.safetensors", out_dir / "best.safetensors"
-    history: list[Record] = []
+    saved_last_at = state.step
 
     def emit(record: Record) -> None:
         if ctx.is_main:
-            history.append(record)
+            state.history.append(record)
             for callback in callbacks:
                 callback(record)
-
-    saved_last_at = state.step
 
     def diverged(step: int, what: str) -> TrainingDiverged:
         """The error for a run gone NaN/inf. Nothing non-finite is ever saved, so `last` is good."""
@@ -295,50 +356,27 @@ def train(
         if path == last_path:
             saved_last_at = state.step
         if ctx.is_main:
-            save_checkpoint(path, model, optimizer, _checkpoint_state(state, run_info))
+            save_checkpoint(path, model, optimizer, {**state.__dict__, "run_info": run_info})
 
     batches = _endless(train_loader)
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="pretrain", unit="step",
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step",
                disable=not (progress and ctx.is_main), dynamic_ncols=True)
-    stop_reason = "max_steps"
     window_start, window_tokens = time.perf_counter(), 0
     model.train()
     while True:
-        if state.step >= cfg.max_steps:
-            stop_reason = "max_steps"
-            break
-        if cfg.max_tokens is not None and state.tokens_seen >= cfg.max_tokens:
-            stop_reason = "max_tokens"
-            break
-        if cfg.max_time is not None and _on_any_rank(state.train_time >= cfg.max_time, ctx, device):
-            stop_reason = "max_time"
+        reason = stop_reason(state, cfg)
+        if cfg.max_time is not None:  # every rank stops at the same step
+            reason = reason or ("max_time" if _on_any_rank(state.train_time >= cfg.max_time, ctx, device) else None)
+        if reason is not None:
             break
 
         step_start = time.perf_counter()
         lr = lr_at(state.step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum_steps):
-            # A DataLoader draws a seed from the global RNG whenever it starts an epoch, so a
-            # run resumed mid-epoch would draw once more than the uninterrupted one and get
-            # other dropout masks. Fetching under fork_rng keeps the loader off that RNG.
-            with torch.random.fork_rng(devices=[]):
-                x, y = next(batches)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # Only the last micro-batch all-reduces gradients; the others just accumulate.
-            sync = not ctx.enabled or micro == accum_steps - 1
-            with (contextlib.nullcontext() if sync else runner.no_sync()), autocast_for(device, cfg.precision):
-                loss = runner(x, y) / accum_steps
-            loss.backward()
-            loss_sum += loss.detach().float()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-        loss_value = float(_all_reduce_mean(loss_sum, ctx))
-        if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
-            raise diverged(state.step + 1, f"train loss is {loss_value}, grad norm {float(grad_norm)}; "
-                                           f"stopped without applying the update")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        try:
+            loss, grad_norm = train_step(runner, optimizer, batches, loss_fn, lr=lr, accum_steps=accum_steps,
+                                         precision=cfg.precision, grad_clip=cfg.grad_clip, device=device, ctx=ctx)
+        except TrainingDiverged as err:
+            raise diverged(state.step + 1, str(err)) from None
         state.step += 1
         state.tokens_seen += tokens_per_step
         state.train_time += time.perf_counter() - step_start
@@ -346,37 +384,27 @@ def train(
         bar.update(1)
 
         if state.step % cfg.log_interval == 0 or state.step == cfg.max_steps:
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_tokens / elapsed
-            emit({
-                "kind": "train", "step": state.step, "tokens": state.tokens_seen,
-                "train_loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_token / peak_flops,
-            })
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+            tokens_per_s = window_tokens / (time.perf_counter() - window_start)
+            emit({"kind": "train", "step": state.step, "tokens": state.tokens_seen, "train_loss": loss,
+                  "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                  "mfu": tokens_per_s * flops_token / peak_flops})
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
             window_start, window_tokens = time.perf_counter(), 0
 
         if state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps:
-            val_loss = evaluate(model, val_loader, device, cfg.precision, eval_batches, ctx)
+            val_loss = evaluate(model, val_loader, device, cfg.precision, eval_batches, ctx, loss_fn)
             if device.type == "cpu":
                 release_freed_memory()  # bounds the creep of a heap that never trims itself
             if not math.isfinite(val_loss):  # these weights are broken: stop before saving them
                 raise diverged(state.step, f"validation loss is {val_loss}")
             state.last_val_loss = val_loss
             improved = val_loss < state.best_val_loss - cfg.min_delta
+            state.best_val_loss = val_loss if improved else state.best_val_loss
+            state.evals_without_improvement = 0 if improved else state.evals_without_improvement + 1
+            emit({"kind": "eval", "step": state.step, "tokens": state.tokens_seen, "val_loss": val_loss,
+                  "val_perplexity": math.exp(min(val_loss, 50.0)), "best_val_loss": state.best_val_loss})
             if improved:
-                state.best_val_loss = val_loss
-                state.evals_without_improvement = 0
                 save(best_path)
-            else:
-                state.evals_without_improvement += 1
-            emit({
-                "kind": "eval", "step": state.step, "tokens": state.tokens_seen, "val_loss": val_loss,
-                "val_perplexity": math.exp(min(val_loss, 50.0)), "best_val_loss": state.best_val_loss,
-            })
-            if cfg.patience is not None and state.evals_without_improvement >= cfg.patience:
-                stop_reason = "early_stopping"
-                break
             # The timer restarts so evaluation time does not count against tokens/s.
             window_start, window_tokens = time.perf_counter(), 0
 
@@ -388,10 +416,10 @@ def train(
     bar.close()
     if ctx.enabled:
         dist.barrier()
-    return TrainResult(state, stop_reason, last_path, best_path if best_path.exists() else None, history)
+    return TrainResult(state, reason, last_path, best_path if best_path.exists() else None, state.history)
 
 
-def _endless(loader: ResumableLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _endless(loader: ResumableLoader) -> Iterator[Any]:
     """Batches across epochs: each `iter(loader)` serves the rest of the current epoch.
 
     One empty pass is normal (a run resumed exactly at an epoch's end); two in a row

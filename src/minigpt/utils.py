@@ -1,57 +1,18 @@
-"""Small helpers shared by the library: atomic writes, hashing, seeding, device choice,
-the C allocator's policy."""
+"""Small helpers shared by the library: seeding, device choice, the C allocator's policy.
+
+File writing and hashing live in `minigpt.io`, which the torch-free data stages import."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import functools
-import hashlib
-import json
-import os
 import random
 import sys
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
-
-    A reader therefore sees the old file or the complete new one, never a half-written one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_json_atomic(path: str | Path, obj: object) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def seed_everything(seed: int) -> None:
@@ -61,18 +22,51 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """`auto` prefers cuda, then mps, then cpu; anything else is taken as given."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """`auto` prefers cuda, then mps, then cpu; `cpu`, `cuda`, `cuda:N` and `mps` are taken
+    as given, after checking this machine has them (a ValueError says what is missing)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {name!r}: this machine has no CUDA device (use auto or cpu)")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r}: this machine has {count} CUDA device(s), 0..{count - 1}")
+    elif device.type == "mps" and not _mps_available():
+        raise ValueError(f"device {name!r}: MPS is not available here (use auto or cpu)")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {name!r}: expected auto, cpu, cuda, cuda:N or mps")
+    return device
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for `precision="bf16"`, nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`model.eval()` for the block, then back to whatever mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 # glibc mallopt() parameters (malloc.h).

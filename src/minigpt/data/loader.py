@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from minigpt.config import check_length_fits
-from minigpt.corpus import DataError
-from minigpt.shards import load_manifest, open_shards
+from minigpt.data.shards import load_manifest, open_shards
+from minigpt.io import DataError
 
 __all__ = [
     "ResumableDataLoader",
@@ -35,10 +35,13 @@ class TokenDataset(Dataset):
 
     Item i is (input, target) = (tokens[s : s + max_length], tokens[s + 1 : s + max_length + 1])
     with s = i * stride: the target is the input shifted by one. The split's shards
-    form one token stream, so a window may span two shards.
+    form one token stream, so a window may span two shards. With `vocab_size` (the
+    model's), shards whose tokenizer has more ids are refused up front.
     """
 
-    def __init__(self, shard_dir: str | Path, max_length: int, stride: int | None = None) -> None:
+    def __init__(
+        self, shard_dir: str | Path, max_length: int, stride: int | None = None, vocab_size: int | None = None
+    ) -> None:
         self.shard_dir = Path(shard_dir)
         self.max_length = max_length
         self.stride = stride if stride is not None else max_length
@@ -54,7 +57,7 @@ class TokenDataset(Dataset):
                 f"{self.shard_dir}: {self.num_tokens} tokens, but one window needs max_length + 1 = "
                 f"{max_length + 1}; use more text (or a larger val_fraction) or a smaller max_length"
             )
-        self._shards: list[np.ndarray] | None = open_shards(self.shard_dir)  # checks headers now
+        self._shards: list[np.ndarray] | None = open_shards(self.shard_dir, vocab_size)  # checks headers now
 
     def __len__(self) -> int:
         return (self.num_tokens - self.max_length - 1) // self.stride + 1
@@ -204,19 +207,21 @@ def create_dataloader(
     rank: int = 0,
     world_size: int = 1,
     context_length: int | None = None,
+    vocab_size: int | None = None,
 ) -> ResumableDataLoader:
     """Batches of (inputs, targets), each (batch_size, max_length) int64, from a shard directory.
 
     train=True: a new seeded permutation each epoch, incomplete last batch dropped,
     resumable via `state_dict()`. train=False: one fixed seeded order, every window
-    served, identical at each evaluation. Under DDP pass `rank`/`world_size`.
+    served, identical at each evaluation. Under DDP pass `rank`/`world_size`. Pass the
+    model's `context_length` and `vocab_size` to refuse data it cannot take before training.
     """
     if context_length is not None:
         try:
             check_length_fits(max_length, context_length)
         except ValueError as exc:
             raise DataError(str(exc)) from None
-    dataset = TokenDataset(shard_dir, max_length, stride)
+    dataset = TokenDataset(shard_dir, max_length, stride, vocab_size)
     sampler = WindowBatchSampler(
         len(dataset), batch_size, seed=seed, drop_last=train, rank=rank, world_size=world_size
     )

@@ -39,7 +39,8 @@ import pyarrow.parquet as pq
 import tiktoken
 from tqdm.auto import tqdm
 
-from minigpt.corpus import DataError, atomic_dir, file_sha256, open_document_table
+from minigpt.data.documents import open_document_table
+from minigpt.io import DataError, atomic_dir, sha256_file
 from minigpt.tokenizer import get_tokenizer
 
 __all__ = [
@@ -64,6 +65,7 @@ HEADER_BYTES = _HEADER.size  # 64
 TOKEN_DTYPE = np.dtype("<u2")
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "minigpt-token-shards"
+_ENTRY_KEYS = frozenset({"name", "tokens", "sha256"})
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,7 @@ class ShardWriter:
         self._file.write(_pack_header(self.vocab_size, self.tokenizer, self._count))
         self._file.close()
         self._file = None
-        sha256 = file_sha256(self.out_dir / self._name)
+        sha256 = sha256_file(self.out_dir / self._name)
         self.shards.append(dict(name=self._name, tokens=self._count, sha256=sha256))
 
 
@@ -306,7 +308,11 @@ def write_shards(
 
 
 def load_manifest(shard_dir: str | Path) -> dict:
-    """The checked manifest of a shard directory."""
+    """The checked manifest of a shard directory.
+
+    Its shards must be plain file names in `shard_dir`: a manifest listing
+    `../val/shard_000000.bin` would otherwise train on the validation split.
+    """
     path = Path(shard_dir) / MANIFEST_NAME
     if not path.is_file():
         raise DataError(
@@ -322,21 +328,43 @@ def load_manifest(shard_dir: str | Path) -> dict:
         raise DataError(
             f"{path}: format_version {manifest.get('format_version')}; this reader supports {FORMAT_VERSION}"
         )
+    missing = sorted({"tokenizer", "vocab_size", "shards"} - manifest.keys())
+    if missing:
+        raise DataError(f"{path}: no {missing[0]!r} field")
+    shards = manifest["shards"]
+    if not isinstance(shards, list) or not all(isinstance(e, dict) and _ENTRY_KEYS <= e.keys() for e in shards):
+        raise DataError(f"{path}: `shards` must be a list of entries with {sorted(_ENTRY_KEYS)}")
+    for entry in shards:
+        name = entry["name"]
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise DataError(f"{path}: shard name {name!r} is not a file name inside {shard_dir}")
     return manifest
 
 
-def open_shards(shard_dir: str | Path) -> list[np.ndarray]:
-    """Memory-map every shard of a directory (read-only), checking each header against the manifest."""
+def open_shards(shard_dir: str | Path, vocab_size: int | None = None) -> list[np.ndarray]:
+    """Memory-map every shard of a directory (read-only), checking each header against the manifest.
+
+    With `vocab_size` (the model's), a shard whose tokenizer has more tokens is refused:
+    its ids would index past the model's embedding table.
+    """
     shard_dir = Path(shard_dir)
     manifest = load_manifest(shard_dir)
     arrays = []
     for entry in manifest["shards"]:
         path = shard_dir / entry["name"]
         header = read_header(path)
-        if header.tokens != entry["tokens"] or header.tokenizer != manifest["tokenizer"]:
+        if (header.tokens, header.tokenizer, header.vocab_size) != (
+            entry["tokens"], manifest["tokenizer"], manifest["vocab_size"]
+        ):
             raise DataError(
-                f"{path}: header ({header.tokens} tokens, {header.tokenizer}) disagrees with "
-                f"{MANIFEST_NAME} ({entry['tokens']} tokens, {manifest['tokenizer']})"
+                f"{path}: header ({header.tokens} tokens, {header.tokenizer}, vocab_size {header.vocab_size}) "
+                f"disagrees with {MANIFEST_NAME} ({entry['tokens']} tokens, {manifest['tokenizer']}, "
+                f"vocab_size {manifest['vocab_size']})"
+            )
+        if vocab_size is not None and header.vocab_size > vocab_size:
+            raise DataError(
+                f"{path}: tokenizer {header.tokenizer} has {header.vocab_size} token ids, more than the "
+                f"model's vocab_size {vocab_size}; tokenize with the model's tokenizer or widen the model"
             )
         arrays.append(
             np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(header.tokens,))
@@ -344,15 +372,24 @@ def open_shards(shard_dir: str | Path) -> list[np.ndarray]:
     return arrays
 
 
-def verify_shards(shard_dir: str | Path) -> None:
-    """Recompute every shard's sha256 against the manifest (reads all the data once)."""
+def verify_shards(shard_dir: str | Path, vocab_size: int | None = None) -> dict:
+    """Check a shard directory completely before training on it; return its manifest.
+
+    On top of `open_shards`' checks (names, headers, sizes, `vocab_size`), every
+    shard's sha256 must match the manifest and every token id must be below the
+    vocab_size its header declares. This reads all the data once: ~0.06 s per 100 MB
+    (50M tokens) from the page cache on a 2-core machine, so every training can afford it.
+    """
     shard_dir = Path(shard_dir)
-    for entry in load_manifest(shard_dir)["shards"]:
+    manifest = load_manifest(shard_dir)
+    for entry, tokens in zip(manifest["shards"], open_shards(shard_dir, vocab_size)):
         path = shard_dir / entry["name"]
-        read_header(path)
-        actual = file_sha256(path)
+        actual = sha256_file(path)
         if actual != entry["sha256"]:
             raise DataError(f"{path}: sha256 {actual} does not match {MANIFEST_NAME} ({entry['sha256']})")
+        if len(tokens) and (top := int(tokens.max())) >= manifest["vocab_size"]:
+            raise DataError(f"{path}: token id {top} is not below the vocab_size {manifest['vocab_size']}")
+    return manifest
 
 
 def load_tokens(shard_dir: str | Path) -> np.ndarray:

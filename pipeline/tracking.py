@@ -3,22 +3,32 @@
 The training loop knows nothing of MLflow; `MetricLogger` is the callback that
 turns its records into batched `log_batch` calls (one SQLite write per batch,
 not per value: a single write costs 20-35 ms here).
+
+Every run a stage opens carries the host and process that hold it
+(`minigpt.host`, `minigpt.pid`, `minigpt.pid_started`): a process killed with -9
+cannot close its run, so the next stage to open a run closes (marks KILLED) any
+RUNNING run of this host whose process is gone.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import time
-from collections.abc import Mapping
+import urllib.request
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import psutil
 import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from pipeline.common import StageError
 
 # MLflow caps a param value at 6000 characters and a batch at 100 params / 1000 metrics.
 _MAX_PARAMS_PER_BATCH = 100
@@ -37,6 +47,23 @@ def artifact_root(root: Path) -> str:
     return (root.resolve() / "mlartifacts").as_uri()
 
 
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, naming the URI, when an http(s) tracking server does not answer.
+
+    MLflow's own client retries a dead server for minutes (253 s measured) before it
+    raises a traceback; one look at `/health` before any work says it at once.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            response.read()
+    except (OSError, ValueError) as err:  # refused, timed out, DNS, HTTP errors, a malformed URL
+        reason = getattr(err, "reason", None) or err
+        raise StageError(f"MLFLOW_TRACKING_URI={uri}: no MLflow server answers there ({reason}); "
+                         f"start it or unset MLFLOW_TRACKING_URI to use the local store") from None
+
+
 def ensure_experiment(name: str, root: Path) -> str:
     """Create (once) the store and the experiment; return the experiment id.
 
@@ -45,6 +72,7 @@ def ensure_experiment(name: str, root: Path) -> str:
     before the parallel runs start.
     """
     uri = tracking_uri(root)
+    check_server(uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     for attempt in range(5):
@@ -102,7 +130,10 @@ def log_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None
 
 
 class MetricLogger:
-    """Training-loop callback: buffers records and writes them in batches."""
+    """Training-loop callback: buffers records and writes them in batches.
+
+    `replay(history)` logs records of an earlier execution (a run continued in a new
+    MLflow run), so that run's charts show the whole training."""
 
     def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 200) -> None:
         self.client = client
@@ -120,10 +151,53 @@ class MetricLogger:
         if len(self.buffer) >= self.flush_every or record.get("kind") == "eval":
             self.flush()
 
+    def replay(self, history: Iterable[Mapping[str, Any]]) -> None:
+        for record in history:
+            self(record)
+        self.flush()
+
     def flush(self) -> None:
         while self.buffer:
             chunk, self.buffer = self.buffer[:_MAX_METRICS_PER_BATCH], self.buffer[_MAX_METRICS_PER_BATCH:]
             self.client.log_batch(self.run_id, metrics=chunk)
+
+
+def process_tags() -> dict[str, str]:
+    """Who holds a run open: this host and process (its start time guards against pid reuse)."""
+    return {"minigpt.host": socket.gethostname(), "minigpt.pid": str(os.getpid()),
+            "minigpt.pid_started": f"{psutil.Process().create_time():.3f}"}
+
+
+def _process_alive(tags: Mapping[str, str]) -> bool:
+    try:
+        process = psutil.Process(int(tags["minigpt.pid"]))
+        return f"{process.create_time():.3f}" == tags.get("minigpt.pid_started")
+    except (KeyError, ValueError, psutil.Error):
+        return False
+
+
+def close_orphaned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs that a dead process of this host left behind.
+
+    Runs of other hosts (a shared server) and of live processes (a parallel sweep)
+    are left alone. Returns the ids of the runs closed.
+    """
+    host = socket.gethostname().replace("'", "")
+    orphans = [run for run in client.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`minigpt.host` = '{host}'")
+        if not _process_alive(run.data.tags)]
+    for run in orphans:
+        client.set_terminated(run.info.run_id, status="KILLED")
+        print(f"tracking: run {run.info.run_id} was left RUNNING by a process that is gone; marked it KILLED")
+    return [run.info.run_id for run in orphans]
+
+
+def run_status(run_id: str) -> str | None:
+    """FINISHED, FAILED, KILLED or RUNNING; None if the store does not hold the run."""
+    try:
+        return MlflowClient().get_run(run_id).info.status
+    except MlflowException:
+        return None
 
 
 def open_run(root: Path, experiment: str, *, run_id: str | None = None, run_name: str | None = None,
@@ -134,14 +208,12 @@ def open_run(root: Path, experiment: str, *, run_id: str | None = None, run_name
     with an exception marks it FAILED, so a broken stage never looks successful.
     """
     experiment_id = ensure_experiment(experiment, root)
-    if run_id is not None:
-        try:
-            MlflowClient().get_run(run_id)
-        except MlflowException:
-            run_id = None  # the store was reset since: record a new run
-    if run_id is not None:
-        return mlflow.start_run(run_id=run_id, tags=dict(tags or {}))
-    return mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags or {}))
+    close_orphaned_runs(MlflowClient(), experiment_id)
+    tags = {**(tags or {}), **process_tags()}
+    if run_id is not None and run_status(run_id) is not None:
+        return mlflow.start_run(run_id=run_id, tags=tags)
+    # No run to reopen (or the store was reset since): record a new one.
+    return mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
 
 
 def log_config(run_id: str, config: Mapping[str, Any]) -> None:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import tracemalloc
 
 import numpy as np
 import pytest
 import torch
 
-from minigpt.corpus import DataError
 from minigpt.data import TokenDataset, create_dataloader
-from minigpt.shards import write_shards
+from minigpt.data.shards import write_shards
+from minigpt.io import DataError
 
 
 def _shards(path, n_tokens: int, shard_tokens: int = 1000):
@@ -75,6 +76,23 @@ def test_too_few_tokens_says_how_many_are_needed(tmp_path):
 def test_max_length_must_fit_the_model(tmp_path):
     with pytest.raises(DataError, match=r"max_length \(32\) must be <= model.context_length \(16\)"):
         create_dataloader(_shards(tmp_path / "t", 100), max_length=32, batch_size=1, context_length=16)
+
+
+def test_data_the_model_cannot_embed_is_refused_when_the_loader_is_made(tmp_path):
+    shards = _shards(tmp_path / "t", 100)  # GPT-2 ids (vocab 50257)
+    assert len(create_dataloader(shards, max_length=8, batch_size=2, vocab_size=50257)) > 0
+    with pytest.raises(DataError, match=r"t/shard_000000\.bin: tokenizer gpt2 has 50257 token ids, more than the "
+                                        r"model's vocab_size 256"):  # fmt: skip
+        create_dataloader(shards, max_length=8, batch_size=2, vocab_size=256)
+
+
+def test_a_manifest_pointing_into_another_split_is_refused(tmp_path):
+    train, _ = _shards(tmp_path / "train", 100), _shards(tmp_path / "val", 100)
+    manifest = json.loads((train / "manifest.json").read_text())
+    manifest["shards"][0]["name"] = "../val/shard_000000.bin"
+    (train / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"shard name '\.\./val/shard_000000\.bin' is not a file name inside"):
+        create_dataloader(train, max_length=8, batch_size=2)
 
 
 def test_corpus_too_small_for_one_batch(tmp_path):
