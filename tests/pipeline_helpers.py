@@ -57,7 +57,7 @@ def run(repo: Path, *cmd: str, check: bool = True, **env: str) -> subprocess.Com
 
 def compose_smoke(repo: Path, *extra: str) -> None:
     run(repo, sys.executable, "-m", "pipeline.compose", *SMOKE, *extra)
-    git(repo, "commit", "-qam", "smoke params")
+    git(repo, "commit", "-q", "--allow-empty", "-am", "smoke params")
 
 
 def client(uri: str):

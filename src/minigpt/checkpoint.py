@@ -110,7 +110,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
     except (SafetensorError, OSError) as err:  # a full disk, a read-only folder
-        raise CheckpointError(f"checkpoint {path}: could not be written ({err}); the previous one is kept") from None
+        raise CheckpointError(f"checkpoint {path}: could not be written ({err}); left as it was") from None
 
 
 # safetensors' writer goes through its own temporary file (`.tmp` + 6 characters) in the

@@ -214,6 +214,14 @@ class TrainState:
     # the whole curve, not just the steps of its last execution.
     history: list[Record] = field(default_factory=list)
 
+    def record_eval(self, val_loss: float, min_delta: float) -> bool:
+        """Count an evaluation; True if it is the best so far (by more than `min_delta`)."""
+        self.last_val_loss = val_loss
+        improved = val_loss < self.best_val_loss - min_delta
+        self.best_val_loss = val_loss if improved else self.best_val_loss
+        self.evals_without_improvement = 0 if improved else self.evals_without_improvement + 1
+        return improved
+
     @classmethod
     def from_saved(cls, saved: dict[str, Any]) -> TrainState:
         """The counters of a checkpoint's saved state (which also holds its `run_info`)."""
@@ -276,6 +284,33 @@ def _restore(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimize
     return state
 
 
+class _Checkpoints:
+    """`last.safetensors` and `best.safetensors` in `out_dir`, written by rank 0 only, and
+    never with non-finite weights: the last good checkpoint survives a diverged run."""
+
+    def __init__(self, out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 loader: ResumableLoader, run_info: dict[str, Any], ctx: DistContext, saved_at: int) -> None:
+        self.last, self.best = out_dir / "last.safetensors", out_dir / "best.safetensors"
+        self.model, self.optimizer, self.loader, self.run_info, self.ctx = model, optimizer, loader, run_info, ctx
+        self.last_saved_at = saved_at  # the step `last` holds
+
+    def diverged(self, step: int, what: str) -> TrainingDiverged:
+        """The error for a run gone NaN/inf. Nothing non-finite is ever saved, so `last` is good."""
+        kept = f"Last good checkpoint: {self.last}" if self.last.exists() else "No checkpoint was written yet"
+        return TrainingDiverged(f"step {step}: {what}. {kept}. Try a lower train.lr or train.grad_clip.")
+
+    def save(self, path: Path, state: TrainState) -> None:
+        # Finite losses do not imply finite weights: the update after the last checked loss
+        # can overflow. A checkpoint of such weights must not replace the last good one.
+        if not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all():
+            raise self.diverged(state.step, "the weights hold NaN/inf after the update")
+        state.train_loader = self.loader.state_dict()
+        if path == self.last:
+            self.last_saved_at = state.step
+        if self.ctx.is_main:
+            save_checkpoint(path, self.model, self.optimizer, {**state.__dict__, "run_info": self.run_info})
+
+
 # --------------------------------------------------------------------------- loop
 def train(
     model: GPTModel,
@@ -331,8 +366,7 @@ def train(
     # windows as one process x eval_batches, and val loss (so best/early stopping) does not
     # depend on the number of processes.
     eval_batches = None if cfg.eval_batches is None else math.ceil(cfg.eval_batches / ctx.world_size)
-    last_path, best_path = out_dir / "last.safetensors", out_dir / "best.safetensors"
-    saved_last_at = state.step
+    checkpoints = _Checkpoints(out_dir, model, optimizer, train_loader, run_info, ctx, saved_at=state.step)
 
     def emit(record: Record) -> None:
         if ctx.is_main:
@@ -340,83 +374,64 @@ def train(
             for callback in callbacks:
                 callback(record)
 
-    def diverged(step: int, what: str) -> TrainingDiverged:
-        """The error for a run gone NaN/inf. Nothing non-finite is ever saved, so `last` is good."""
-        bar.close()
-        kept = f"Last good checkpoint: {last_path}" if last_path.exists() else "No checkpoint was written yet"
-        return TrainingDiverged(f"step {step}: {what}. {kept}. Try a lower train.lr or train.grad_clip.")
-
-    def save(path: Path) -> None:
-        nonlocal saved_last_at
-        # Finite losses do not imply finite weights: the update after the last checked loss
-        # can overflow. A checkpoint of such weights must not replace the last good one.
-        if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
-            raise diverged(state.step, "the weights hold NaN/inf after the update")
-        state.train_loader = train_loader.state_dict()
-        if path == last_path:
-            saved_last_at = state.step
-        if ctx.is_main:
-            save_checkpoint(path, model, optimizer, {**state.__dict__, "run_info": run_info})
-
     batches = _endless(train_loader)
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step",
                disable=not (progress and ctx.is_main), dynamic_ncols=True)
     window_start, window_tokens = time.perf_counter(), 0
     model.train()
-    while True:
-        reason = stop_reason(state, cfg)
-        if cfg.max_time is not None:  # every rank stops at the same step
-            reason = reason or ("max_time" if _on_any_rank(state.train_time >= cfg.max_time, ctx, device) else None)
-        if reason is not None:
-            break
+    try:  # the bar ends its line on any error, so the error message starts on its own
+        while True:
+            reason = stop_reason(state, cfg)
+            if cfg.max_time is not None:  # every rank stops at the same step
+                reason = reason or ("max_time" if _on_any_rank(state.train_time >= cfg.max_time, ctx, device) else None)
+            if reason is not None:
+                break
 
-        step_start = time.perf_counter()
-        lr = lr_at(state.step, cfg)
-        try:
-            loss, grad_norm = train_step(runner, optimizer, batches, loss_fn, lr=lr, accum_steps=accum_steps,
-                                         precision=cfg.precision, grad_clip=cfg.grad_clip, device=device, ctx=ctx)
-        except TrainingDiverged as err:
-            raise diverged(state.step + 1, str(err)) from None
-        state.step += 1
-        state.tokens_seen += tokens_per_step
-        state.train_time += time.perf_counter() - step_start
-        window_tokens += tokens_per_step
-        bar.update(1)
+            step_start = time.perf_counter()
+            lr = lr_at(state.step, cfg)
+            try:
+                loss, grad_norm = train_step(runner, optimizer, batches, loss_fn, lr=lr, accum_steps=accum_steps,
+                                             precision=cfg.precision, grad_clip=cfg.grad_clip, device=device, ctx=ctx)
+            except TrainingDiverged as err:
+                raise checkpoints.diverged(state.step + 1, str(err)) from None
+            state.step += 1
+            state.tokens_seen += tokens_per_step
+            state.train_time += time.perf_counter() - step_start
+            window_tokens += tokens_per_step
+            bar.update(1)
 
-        if state.step % cfg.log_interval == 0 or state.step == cfg.max_steps:
-            tokens_per_s = window_tokens / (time.perf_counter() - window_start)
-            emit({"kind": "train", "step": state.step, "tokens": state.tokens_seen, "train_loss": loss,
-                  "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-                  "mfu": tokens_per_s * flops_token / peak_flops})
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            window_start, window_tokens = time.perf_counter(), 0
+            if state.step % cfg.log_interval == 0 or state.step == cfg.max_steps:
+                tokens_per_s = window_tokens / (time.perf_counter() - window_start)
+                emit({"kind": "train", "step": state.step, "tokens": state.tokens_seen, "train_loss": loss,
+                      "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                      "mfu": tokens_per_s * flops_token / peak_flops})
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                window_start, window_tokens = time.perf_counter(), 0
 
-        if state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps:
-            val_loss = evaluate(model, val_loader, device, cfg.precision, eval_batches, ctx, loss_fn)
-            if device.type == "cpu":
-                release_freed_memory()  # bounds the creep of a heap that never trims itself
-            if not math.isfinite(val_loss):  # these weights are broken: stop before saving them
-                raise diverged(state.step, f"validation loss is {val_loss}")
-            state.last_val_loss = val_loss
-            improved = val_loss < state.best_val_loss - cfg.min_delta
-            state.best_val_loss = val_loss if improved else state.best_val_loss
-            state.evals_without_improvement = 0 if improved else state.evals_without_improvement + 1
-            emit({"kind": "eval", "step": state.step, "tokens": state.tokens_seen, "val_loss": val_loss,
-                  "val_perplexity": math.exp(min(val_loss, 50.0)), "best_val_loss": state.best_val_loss})
-            if improved:
-                save(best_path)
-            # The timer restarts so evaluation time does not count against tokens/s.
-            window_start, window_tokens = time.perf_counter(), 0
+            if state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps:
+                val_loss = evaluate(model, val_loader, device, cfg.precision, eval_batches, ctx, loss_fn)
+                if device.type == "cpu":
+                    release_freed_memory()  # bounds the creep of a heap that never trims itself
+                if not math.isfinite(val_loss):  # these weights are broken: stop before saving them
+                    raise checkpoints.diverged(state.step, f"validation loss is {val_loss}")
+                improved = state.record_eval(val_loss, cfg.min_delta)
+                emit({"kind": "eval", "step": state.step, "tokens": state.tokens_seen, "val_loss": val_loss,
+                      "val_perplexity": math.exp(min(val_loss, 50.0)), "best_val_loss": state.best_val_loss})
+                if improved:
+                    checkpoints.save(checkpoints.best, state)
+                # The timer restarts so evaluation time does not count against tokens/s.
+                window_start, window_tokens = time.perf_counter(), 0
 
-        if state.step % checkpoint_interval == 0:
-            save(last_path)
-
-    if saved_last_at != state.step or not last_path.exists():
-        save(last_path)
-    bar.close()
+            if state.step % checkpoint_interval == 0:
+                checkpoints.save(checkpoints.last, state)
+        if checkpoints.last_saved_at != state.step or not checkpoints.last.exists():
+            checkpoints.save(checkpoints.last, state)
+    finally:
+        bar.close()
     if ctx.enabled:
         dist.barrier()
-    return TrainResult(state, reason, last_path, best_path if best_path.exists() else None, state.history)
+    best = checkpoints.best if checkpoints.best.exists() else None
+    return TrainResult(state, reason, checkpoints.last, best, state.history)
 
 
 def _endless(loader: ResumableLoader) -> Iterator[Any]:
