@@ -14,7 +14,8 @@ CONF = ROOT / "conf"
 
 
 def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    """A group's options: conf/<group>/, and for `model` the library's presets (the same files)."""
+    return sorted(PRESETS) if group == "model" else sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
 def compose(*overrides: str) -> dict:
@@ -36,12 +37,10 @@ def test_every_group_option_composes_and_validates(group):
         PipelineConfig.model_validate(params)
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_model_group_equals_library_presets(name):
-    model = compose(f"model={name}")["model"]
-    from minigpt.config import preset_config
-
-    assert model == preset_config(name).model_dump()
+def test_model_sizes_are_written_once():
+    """The `model` group is found in the library's presets, not in a copy under conf/."""
+    assert not (CONF / "model").exists()
+    assert compose("model=gpt2-small")["model"]["emb_dim"] == PRESETS["gpt2-small"]["emb_dim"] == 384
 
 
 def test_default_composition_is_the_quick_cpu_run():

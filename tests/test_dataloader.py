@@ -73,10 +73,6 @@ def test_too_few_tokens_says_how_many_are_needed(tmp_path):
         TokenDataset(_shards(tmp_path / "t", 16), max_length=16)
 
 
-def test_max_length_must_fit_the_model(tmp_path):
-    with pytest.raises(DataError, match=r"max_length \(32\) must be <= model.context_length \(16\)"):
-        create_dataloader(_shards(tmp_path / "t", 100), max_length=32, batch_size=1, context_length=16)
-
 
 def test_data_the_model_cannot_embed_is_refused_when_the_loader_is_made(tmp_path):
     shards = _shards(tmp_path / "t", 100)  # GPT-2 ids (vocab 50257)

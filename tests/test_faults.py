@@ -226,3 +226,29 @@ def test_an_unwritable_report_fails_the_stage_and_its_run(project):
     assert line == "pretrain: error: reports/train.json: Is a directory"
     assert list(statuses(project).values()) == ["FAILED"]
     assert temp_files(project / "reports") == []
+
+
+def test_token_ids_beyond_the_vocabulary_stop_training_before_it_starts(project):
+    """A shard whose ids exceed its vocab_size (here: rewritten with a consistent manifest,
+    so only reading the tokens finds it) would fail deep inside the embedding."""
+    import numpy as np
+
+    from minigpt.data.shards import write_shards
+
+    train = project / "data/tokens/train"
+    tokens = np.array([1, 2, 60_000, 3] * 1000, dtype=np.uint16)
+    write_shards(train, [tokens], tokenizer="gpt2", vocab_size=50257, shard_tokens=10_000)
+    line = one_error_line(stage(project, "pretrain"), "pretrain")
+    assert line == "pretrain: error: data/tokens/train/shard_000000.bin: token id 60000 is not below the vocab_size 50257"
+    assert statuses(project) == {}
+
+
+def test_a_manifest_pointing_outside_its_folder_is_refused(project):
+    """Before: a shard list naming `../val/...` trained on the validation split, silently."""
+    manifest_path = project / "data/tokens/train/manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    val = json.loads((project / "data/tokens/val/manifest.json").read_text())
+    manifest["shards"] = [{**entry, "name": f"../val/{entry['name']}"} for entry in val["shards"]]
+    manifest_path.write_text(json.dumps(manifest))
+    line = one_error_line(stage(project, "pretrain"), "pretrain")
+    assert "../val/shard_000000.bin" in line and "data/tokens/train" in line

@@ -97,7 +97,7 @@ def run_training(data_dir: str | Path, out_dir: str | Path, cfg: dict[str, Any],
     model = model if model is not None else tiny_model(**(model_overrides or {}))
     data_dir = Path(data_dir)
     common = dict(max_length=max_length, batch_size=tcfg.micro_batch_size, seed=1337,
-                  rank=ctx.rank, world_size=ctx.world_size, context_length=model.cfg.context_length)
+                  rank=ctx.rank, world_size=ctx.world_size, vocab_size=model.cfg.vocab_size)
     train_loader = create_dataloader(data_dir / "train", train=True, **common)
     val_loader = create_dataloader(data_dir / "val", train=False, **common)
     return train(model, tcfg, train_loader, val_loader, out_dir, callbacks=callbacks,

@@ -8,7 +8,10 @@ names the field, instead of deep inside a matmul.
 from __future__ import annotations
 
 import re
+from importlib import resources
 from typing import Annotated, Literal, Union
+
+import yaml
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -44,15 +47,15 @@ class ModelConfig(StrictModel):
         return self.emb_dim // self.n_heads
 
 
-# GPT-2's real dimensions (124M .. xl) and two sizes that train on a laptop CPU.
-PRESETS: dict[str, dict] = {
-    "gpt2-tiny": dict(context_length=128, emb_dim=128, n_heads=4, n_layers=4),
-    "gpt2-small": dict(context_length=256, emb_dim=384, n_heads=6, n_layers=6),
-    "gpt2-124M": dict(context_length=1024, emb_dim=768, n_heads=12, n_layers=12, qkv_bias=True),
-    "gpt2-medium": dict(context_length=1024, emb_dim=1024, n_heads=16, n_layers=24, qkv_bias=True),
-    "gpt2-large": dict(context_length=1024, emb_dim=1280, n_heads=20, n_layers=36, qkv_bias=True),
-    "gpt2-xl": dict(context_length=1024, emb_dim=1600, n_heads=25, n_layers=48, qkv_bias=True),
-}
+def _read_presets() -> dict[str, dict]:
+    """`minigpt/presets/model/<name>.yaml`: GPT-2's real sizes (124M .. xl) and two that
+    train on a laptop CPU. The pipeline's `model` config group is these same files."""
+    folder = resources.files("minigpt.presets") / "model"
+    files = sorted((entry for entry in folder.iterdir() if entry.name.endswith(".yaml")), key=lambda e: e.name)
+    return {entry.name.removesuffix(".yaml"): yaml.safe_load(entry.read_text()) for entry in files}
+
+
+PRESETS: dict[str, dict] = _read_presets()
 
 
 def preset_config(name: str, **overrides) -> ModelConfig:

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from minigpt.config import check_length_fits
 from minigpt.data.shards import load_manifest, open_shards
 from minigpt.io import DataError
 
@@ -206,7 +205,6 @@ def create_dataloader(
     num_workers: int = 0,
     rank: int = 0,
     world_size: int = 1,
-    context_length: int | None = None,
     vocab_size: int | None = None,
 ) -> ResumableDataLoader:
     """Batches of (inputs, targets), each (batch_size, max_length) int64, from a shard directory.
@@ -214,13 +212,9 @@ def create_dataloader(
     train=True: a new seeded permutation each epoch, incomplete last batch dropped,
     resumable via `state_dict()`. train=False: one fixed seeded order, every window
     served, identical at each evaluation. Under DDP pass `rank`/`world_size`. Pass the
-    model's `context_length` and `vocab_size` to refuse data it cannot take before training.
+    model's `vocab_size` to refuse data it cannot take before training. (That `max_length`
+    fits the model's `context_length` is the config's check: `PipelineConfig`.)
     """
-    if context_length is not None:
-        try:
-            check_length_fits(max_length, context_length)
-        except ValueError as exc:
-            raise DataError(str(exc)) from None
     dataset = TokenDataset(shard_dir, max_length, stride, vocab_size)
     sampler = WindowBatchSampler(
         len(dataset), batch_size, seed=seed, drop_last=train, rank=rank, world_size=world_size
