@@ -24,7 +24,7 @@ UI_PORT ?= 5000
 .PHONY: help setup test test-fast run params sweep ui bench clean distclean
 
 help:
-	@echo "make setup      create .venv, install torch (CPU) + minigpt[dev], cache the tokenizer"
+	@echo "make setup      create .venv, install torch (CPU) + minigpt[pipeline,dev], cache the tokenizer"
 	@echo "make test       full test suite (PYTEST_ARGS='...' to pass options)"
 	@echo "make test-fast  tests not marked slow"
 	@echo "make run        run the pipeline (dvc repro) on the default corpus"
@@ -72,7 +72,7 @@ ui: $(STAMP)
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 bench: $(STAMP)
-	$(PY) -m minigpt.bench
+	$(PY) -m benchmarks.bench
 
 clean:
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +

@@ -1,6 +1,6 @@
 """Benchmarks of this machine, the model, sampling, training and the data stages.
 
-    python -m minigpt.bench [--quick] [--only hw,model,train,data] [--out reports/bench.json]
+    python -m benchmarks.bench [--quick] [--only hw,model,train,data] [--out reports/bench.json]
 
 Prints a table and merges its keys into `reports/bench.json` (written atomically, so
 sections can be run separately and a crash never leaves half a file):
@@ -25,7 +25,7 @@ sections can be run separately and a crash never leaves half a file):
                                                    settings: max relative difference per step;
     train.seed_loss_rel_diff                       the same for two fp32 runs from different
                                                    seeds: the noise the first is judged against
-    tokenize.*, loader.*                           minigpt.bench_data
+    tokenize.*, loader.*                           benchmarks.data
 
 Timings are medians of repeated measurements, and the settings compared against each
 other are measured interleaved in one process, so that load from other processes hits
@@ -60,8 +60,8 @@ from minigpt.config import TrainConfig
 from minigpt.flops import flops_per_token, matmul_flops_per_s
 from minigpt.generate import generate
 from minigpt.model import GPTModel
-from minigpt.train import LanguageModelLoss, build_optimizer, train, train_step
 from minigpt.io import write_json_atomic
+from minigpt.train import LanguageModelLoss, build_optimizer, train, train_step
 from minigpt.utils import eval_mode, retain_freed_memory
 
 SECTIONS = ("hw", "model", "train", "data")
@@ -377,17 +377,18 @@ def bench_train(quick: bool, hw: dict[str, Any], log: Callable[[str], None] = pr
 # --------------------------------------------------------------------------- data
 _DATA_BENCH = """
 import json, sys
-from minigpt.bench_data import run_data_benchmarks
+from benchmarks.data import run_data_benchmarks
 print(json.dumps(run_data_benchmarks(quick=sys.argv[1] == "1")))
 """
 
 
 def bench_data(quick: bool) -> dict[str, Any]:
-    """minigpt.bench_data's metrics, measured in a child process: the data stages run on
+    """benchmarks.data's metrics, measured in a child process: the data stages run on
     glibc's default policy in the pipeline, and their memory target (tokenize.peak_rss_mb)
     must be measured that way too, not under `retain_freed_memory`."""
+    # Run from the directory above this package, so the child imports it wherever we ran.
     proc = subprocess.run([sys.executable, "-c", _DATA_BENCH, "1" if quick else "0"],
-                          stdout=subprocess.PIPE, text=True)
+                          stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     if proc.returncode != 0:
         raise RuntimeError(f"data benchmarks failed with exit code {proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -484,7 +485,7 @@ def run(sections: list[str], quick: bool = False, out: Path | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minigpt.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and settings, a smaller data corpus")
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"comma-separated sections to run (default: all of {','.join(SECTIONS)})")

@@ -34,7 +34,7 @@ from minigpt.config import ShakespeareSource
 from minigpt.data.documents import DocumentWriter, iter_documents, open_document_table
 from minigpt.data.loader import create_dataloader
 from minigpt.data.sources import acquire
-from minigpt.io import atomic_path as atomic_file
+from minigpt.io import atomic_path
 from minigpt.tokenizer import get_tokenizer
 
 __all__ = [
@@ -68,7 +68,7 @@ def build_repeated_corpus(docs_path: Path, out_path: Path, target_bytes: int) ->
     """
     docs = list(iter_documents(docs_path))  # the default corpus itself: ~5 MB
     written = 0
-    with atomic_file(out_path) as part, DocumentWriter(part) as writer:
+    with atomic_path(out_path) as part, DocumentWriter(part) as writer:
         while written < target_bytes:
             for doc in docs:
                 writer.add(writer.count, doc["title"], doc["source"], doc["text"])
@@ -172,7 +172,7 @@ def run_data_benchmarks(quick: bool = False, workdir: str | Path | None = None) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minigpt.bench_data", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.data", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="encode ~100 MB instead of >= 1 GB")
     parser.add_argument(
         "--workdir", help="where to build the temporary corpus (needs ~2 GB free for the full run)"

@@ -168,7 +168,7 @@ def test_missing_directory_and_bad_tokenizer(tmp_path):
 
 
 def test_benchmark_measures_the_stage_in_a_subprocess(tmp_path):
-    from minigpt.bench_data import build_repeated_corpus, measure_loader, measure_tokenize
+    from benchmarks.data import build_repeated_corpus, measure_loader, measure_tokenize
 
     docs = _docs_table(tmp_path / "docs.parquet", [t * 2000 for t in DOCS])
     size = build_repeated_corpus(docs, tmp_path / "big.parquet", target_bytes=1_000_000)
