@@ -11,8 +11,9 @@ uninterrupted one would have seen.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -152,18 +153,21 @@ class ResumableDataLoader(DataLoader):
     """
 
     def __init__(
-        self, dataset: TokenDataset, batch_sampler: WindowBatchSampler, *, train: bool, num_workers: int = 0
+        self, dataset: Dataset, batch_sampler: WindowBatchSampler, *, train: bool, num_workers: int = 0,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
     ):
+        # collate_fn: how a finetuning task turns its rows into a batch (None: stack the items).
         super().__init__(
-            dataset, batch_sampler=batch_sampler, num_workers=num_workers, persistent_workers=num_workers > 0
+            dataset, batch_sampler=batch_sampler, num_workers=num_workers, persistent_workers=num_workers > 0,
+            collate_fn=collate_fn,
         )
         self.train = train
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Any]:
         sampler = self.batch_sampler
         if not self.train:
             sampler.epoch = sampler.position = 0
-        for batch in super().__iter__():  # (batch, max_length) inputs and targets
+        for batch in super().__iter__():  # e.g. (batch, max_length) inputs and targets
             if self.train:
                 sampler.position += 1
                 if sampler.position == len(sampler):
