@@ -1,3 +1,7 @@
+import functools
+import http.server
+import threading
+
 import pytest
 import torch
 
@@ -18,3 +22,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty minigpt cache for this test (MINIGPT_CACHE_DIR)."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("MINIGPT_CACHE_DIR", str(path))
+    return path
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A local HTTP server over tmp_path/www; yields its base URL."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()

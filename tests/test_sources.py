@@ -149,26 +149,8 @@ def test_table_non_utf8_offset_is_exact_beyond_the_first_block(tmp_path):
 # --------------------------------------------------------------------------- URL
 
 
-@pytest.fixture
-def http_server(tmp_path):
-    """A local HTTP server over tmp_path/www; yields its base URL."""
-    root = tmp_path / "www"
-    root.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    path = tmp_path / "cache"
-    monkeypatch.setenv("MINIGPT_CACHE_DIR", str(path))
-    return path
 
 
 def test_url_source_downloads_verifies_and_caches(http_server, cache, tmp_path):

@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from test_sources import http_server  # noqa: F401  (a fixture: a local HTTP server over tmp_path/www)
 
 from minigpt import fetch
 from minigpt.config import TaskDataConfig
@@ -174,10 +173,6 @@ def test_a_folder_is_not_a_table(tmp_path):
 # --------------------------------------------------------------------------- pinned archives and URLs
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 def test_a_corrupt_cached_wheel_is_fetched_again_and_a_wrong_member_hash_refused(cache):
@@ -197,7 +192,7 @@ class _Proc:
         self.returncode, self.stdout, self.stderr = returncode, "", stderr
 
 
-def test_a_pinned_sdist_is_found_after_the_wheel_is_not(cache, tmp_path, monkeypatch):
+def test_a_pinned_sdist_member_is_read(cache, tmp_path, monkeypatch):
     sdist = tmp_path / "pkg-1.0.tar.gz"
     data = b'{"instruction": "Say hi.", "output": "Hi."}\n'
     with tarfile.open(sdist, "w:gz") as tar:
@@ -207,25 +202,22 @@ def test_a_pinned_sdist_is_found_after_the_wheel_is_not(cache, tmp_path, monkeyp
     calls = []
 
     def registry(cmd: list[str], **_kwargs: object) -> _Proc:
-        """Like the index for a package without wheels."""
+        """Like the index for a package with only an sdist."""
         calls.append(cmd)
-        if "--only-binary" in cmd:
-            return _Proc(1, "ERROR: No matching distribution found for pkg==1.0")
         dest = Path(cmd[cmd.index("-d") + 1])
         dest.mkdir(parents=True)
         (dest / sdist.name).write_bytes(sdist.read_bytes())
         return _Proc(0)
 
     monkeypatch.setattr(fetch.subprocess, "run", registry)
-    source = {"kind": "pypi", "name": "pkg", "version": "1.0", "member": "data/records.jsonl",
+    source = {"kind": "pypi", "name": "pkg", "version": "1.0", "archive": "sdist", "member": "data/records.jsonl",
               "sha256": hashlib.sha256(sdist.read_bytes()).hexdigest()}  # fmt: skip
     rows, origin = read_task_table(TaskDataConfig(source=source))
     assert rows == [{"instruction": "Say hi.", "output": "Hi."}] and origin == "pkg==1.0:data/records.jsonl"
-    assert len(calls) == 2
+    assert len(calls) == 1 and "--no-binary" in calls[0]
 
     monkeypatch.setattr(fetch.subprocess, "run", lambda *a, **k: _Proc(1, "ERROR: 404"))
-    refused = r"finetune\.data\.source: no archive of pkg==1\.0 .*as a wheel: .*as an sdist: "
-    with pytest.raises(DataError, match=refused):
+    with pytest.raises(DataError, match=r"finetune\.data\.source: .*pkg==1\.0"):
         read_task_table(TaskDataConfig(source={**source, "sha256": "1" * 64}))
 
 

