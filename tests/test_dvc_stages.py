@@ -16,7 +16,8 @@ from pipeline import paths
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-ORDER = ["prepare", "split", "tokenize", "pretrain", "evaluate", "sample"]
+ORDER = ["prepare", "split", "tokenize", "pretrain", "evaluate", "sample",
+         "finetune_prepare", "finetune", "finetune_evaluate"]
 
 IMPORTED_FILES = """
 import json
@@ -40,7 +41,7 @@ def imported_sources(stage: str) -> set[str]:
     return {f for f in files if not f.endswith("__init__.py")}  # no code of their own
 
 
-def test_the_six_stages_in_order():
+def test_the_stages_in_order():
     assert list(STAGES) == ORDER
 
 
@@ -65,5 +66,7 @@ def test_stages_write_where_pipeline_paths_says():
         written |= entries(stage.get("outs", [])) | entries(stage.get("metrics", []))
     expected = {paths.DOCUMENTS, paths.SPLIT_DIR, paths.TOKENS_DIR, paths.CHECKPOINTS, paths.TRAIN_METRICS,
                 paths.TRAIN_CURVE, paths.TRAIN_CURVE_PNG, paths.MLFLOW_RUN, paths.EVAL_METRICS,
-                paths.SAMPLES_MD, paths.SAMPLES_JSON}
+                paths.SAMPLES_MD, paths.SAMPLES_JSON, paths.FINETUNE_DATA, paths.FINETUNE_CHECKPOINTS,
+                paths.FINETUNE_METRICS, paths.FINETUNE_CURVE, paths.FINETUNE_CURVE_PNG, paths.FINETUNE_RUN,
+                paths.FINETUNE_EVAL, paths.FINETUNE_EVAL_PNG, paths.FINETUNE_PREDICTIONS}
     assert written == {p.as_posix() for p in expected}

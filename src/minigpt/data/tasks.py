@@ -239,6 +239,13 @@ def _read_split(path: Path, fields: Sequence[str]) -> tuple[list[dict], list[str
     return rows, where
 
 
+def read_tokenized_split(token_dir: str | Path, split: str,
+                         task: Literal["classification", "instruction"]) -> list[dict]:
+    """The examples of one tokenized split (`tokenize_task_splits`' output), in order."""
+    fields = ("ids", "label_id") if task == "classification" else ("prompt_ids", "response_ids")
+    return _read_split(Path(token_dir) / f"{split}.jsonl", fields)[0]
+
+
 def _encode(record: dict, enc: tiktoken.Encoding, classification: bool) -> dict:
     if classification:
         return record | {"ids": enc.encode_ordinary(record["text"])}

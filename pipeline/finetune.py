@@ -1,0 +1,120 @@
+"""Stage 8: finetune the pretrained model (or HF GPT-2 weights) to the task; its own MLflow run.
+
+The same training loop, checkpoints, resume rules and reports as pretrain
+(`pipeline.training`); what the task adds is a loss, batches and, for
+classification, a new head and the val accuracy of each evaluation.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+import torch
+
+from minigpt.config import FinetuneConfig
+from minigpt.data.tasks import read_tokenized_split
+from minigpt.io import sha256_file
+from minigpt.model import GPTModel
+from minigpt.tasks.batches import create_task_loader
+from minigpt.tasks.classification import ClassificationLoss, SequenceClassifier, collate_classification, predict
+from minigpt.tasks.instruction import collate_instructions
+from minigpt.tasks.trainable import set_trainable
+from minigpt.tokenizer import RANKS_SHA256
+from minigpt.train import DistContext, LanguageModelLoss, init_distributed
+from minigpt.utils import seed_everything
+from pipeline import paths
+from pipeline.common import load_config, read_params, stage_device, stage_main
+from pipeline.run import connect, recorded_run
+from pipeline.trained import load_init_model
+from pipeline.training import Outputs, code_fingerprint, prepare_checkpoints, resume_mode, tracked_training
+
+OUTPUTS = Outputs(paths.FINETUNE_CHECKPOINTS, paths.FINETUNE_CURVE, paths.FINETUNE_CURVE_PNG,
+                  paths.FINETUNE_METRICS, paths.FINETUNE_RUN)
+
+
+def task_model(ft: FinetuneConfig, backbone: GPTModel) -> torch.nn.Module:
+    """The backbone with the task's head (classification) or as it is (instruction), frozen
+    as `trainable` says."""
+    model = SequenceClassifier(backbone, len(ft.data.classes)) if ft.task == "classification" else backbone
+    set_trainable(model, ft.trainable)
+    return model
+
+
+def task_loaders(ft: FinetuneConfig, ctx: DistContext = DistContext(), splits: tuple[str, ...] = ("train", "val")):
+    """Resumable batches of the tokenized splits, and the collate function they use."""
+    collate = (collate_classification if ft.task == "classification"
+               else functools.partial(collate_instructions, mask_prompt=ft.mask_prompt))
+    return [create_task_loader(read_tokenized_split(paths.FINETUNE_TOKENS, split, ft.task), ft.train.micro_batch_size,
+                               collate, train=split == "train", seed=ft.train.seed, rank=ctx.rank,
+                               world_size=ctx.world_size)
+            for split in splits]
+
+
+def resolved_config(params: dict[str, Any], ft: FinetuneConfig, max_steps: int) -> dict[str, Any]:
+    """What this finetune is, for resuming: the finetune section with `epochs` turned into
+    steps (so more epochs is a raised budget), and the model it starts from."""
+    finetune = {**params["finetune"], "epochs": None,
+                "train": {**params["finetune"]["train"], "max_steps": max_steps}}
+    return {"finetune": finetune, **({"model": params["model"]} if ft.init == "pretrain" else {})}
+
+
+@stage_main
+def main() -> None:
+    cfg = load_config("model", "finetune", "tracking")
+    ft, params = cfg.finetune, read_params()
+    device = stage_device(ft.train.device)
+    ctx = init_distributed(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+    experiment_id = None
+    if ctx.is_main:
+        experiment_id = connect(cfg.tracking)  # a dead tracking server fails now, not after training
+        prepare_checkpoints("finetune", paths.FINETUNE_CHECKPOINTS)
+
+    train_loader, val_loader = task_loaders(ft, ctx)
+    accum_steps = ft.train.global_batch_size // (ft.train.micro_batch_size * ctx.world_size)
+    max_steps = ft.epochs * (len(train_loader) // accum_steps) if ft.epochs else ft.train.max_steps
+    run_config = resolved_config(params, ft, max_steps)
+    code_sha256 = code_fingerprint()
+    resume, saved = resume_mode(ft.train, run_config, code_sha256, paths.FINETUNE_CHECKPOINTS, "finetune")
+    train_cfg = ft.train.model_copy(update={"resume": resume, "max_steps": max_steps})
+
+    seed_everything(train_cfg.seed)  # the new head's initial weights
+    backbone, init_path, init_sha256 = load_init_model(ft, cfg.model)
+    model = task_model(ft, backbone)
+    manifest = json.loads((paths.FINETUNE_TOKENS / "manifest.json").read_text())
+    run_info = {"config": run_config, "model_config": backbone.cfg.model_dump(),
+                "data_sha256": sha256_file(paths.FINETUNE_TOKENS / "manifest.json"),
+                "tokenizer_sha256": RANKS_SHA256, "code_sha256": code_sha256, "init_sha256": init_sha256}
+    tags = {"stage": "finetune", "finetune.task": ft.task, "finetune.trainable": ft.trainable,
+            "init.path": init_path, "init.sha256": init_sha256}
+    description = f"Finetune ({ft.task}, trainable={ft.trainable}) of `{init_path}`"
+    if ft.init == "pretrain" and ctx.is_main:
+        pretrain = recorded_run()
+        # The parent tag nests this run under its pretrain run in the UI, with a link to it.
+        tags |= {"minigpt.pretrain_run": pretrain["run_id"], "mlflow.parentRunId": pretrain["run_id"]}
+        description += (f", from pretrain run [{pretrain['run_id']}]"
+                        f"(#/experiments/{pretrain['experiment_id']}/runs/{pretrain['run_id']})")
+
+    eval_metrics = None
+    if ft.task == "classification":
+        def eval_metrics(m: torch.nn.Module) -> dict[str, float]:
+            labels, predicted = predict(m, val_loader, device)
+            return {"val_accuracy": sum(a == b for a, b in zip(labels, predicted)) / len(labels)}
+
+    tracked_training(
+        "finetune", OUTPUTS, model, train_cfg, saved, tracking=cfg.tracking,
+        params={k: params[k] for k in ("model", "finetune")}, run_info=run_info,
+        tags=tags, run_name=f"finetune·{ft.task}·{ft.trainable}", train_loader=train_loader,
+        val_loader=val_loader, device=device, ctx=ctx, max_length=manifest["max_length"],
+        experiment_id=experiment_id, description=description,
+        loss_fn=ClassificationLoss() if ft.task == "classification" else LanguageModelLoss(ft.train.loss_chunk_size),
+        eval_metrics=eval_metrics,
+    )
+
+
+if __name__ == "__main__":
+    main()
