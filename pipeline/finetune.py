@@ -22,13 +22,13 @@ from minigpt.tasks.classification import ClassificationLoss, SequenceClassifier,
 from minigpt.tasks.instruction import collate_instructions
 from minigpt.tasks.trainable import set_trainable
 from minigpt.tokenizer import RANKS_SHA256
-from minigpt.train import DistContext, LanguageModelLoss, init_distributed
+from minigpt.train import DistContext, LanguageModelLoss
 from minigpt.utils import seed_everything
 from pipeline import paths
-from pipeline.common import load_config, read_params, stage_device, stage_main
-from pipeline.run import connect, recorded_run
+from pipeline.common import load_config, read_params, stage_main
+from pipeline.run import recorded_run
 from pipeline.trained import load_init_model
-from pipeline.training import Outputs, code_fingerprint, prepare_checkpoints, resume_mode, tracked_training
+from pipeline.training import Outputs, code_fingerprint, resume_mode, start_training_stage, tracked_training
 
 OUTPUTS = Outputs(paths.FINETUNE_CHECKPOINTS, paths.FINETUNE_CURVE, paths.FINETUNE_CURVE_PNG,
                   paths.FINETUNE_METRICS, paths.FINETUNE_RUN)
@@ -64,15 +64,8 @@ def resolved_config(params: dict[str, Any], ft: FinetuneConfig, max_steps: int) 
 def main() -> None:
     cfg = load_config("model", "finetune", "tracking")
     ft, params = cfg.finetune, read_params()
-    device = stage_device(ft.train.device)
-    ctx = init_distributed(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", ctx.local_rank)
-        torch.cuda.set_device(device)
-    experiment_id = None
-    if ctx.is_main:
-        experiment_id = connect(cfg.tracking)  # a dead tracking server fails now, not after training
-        prepare_checkpoints("finetune", paths.FINETUNE_CHECKPOINTS)
+    device, ctx, experiment_id = start_training_stage("finetune", ft.train.device, cfg.tracking,
+                                                      paths.FINETUNE_CHECKPOINTS)
 
     train_loader, val_loader = task_loaders(ft, ctx)
     accum_steps = ft.train.global_batch_size // (ft.train.micro_batch_size * ctx.world_size)

@@ -8,19 +8,15 @@ does with the checkpoints DVC kept (resume, start afresh, or nothing) is decided
 
 from __future__ import annotations
 
-import torch
-
 from minigpt.data import create_dataloader
 from minigpt.data.shards import verify_shards
 from minigpt.io import sha256_bytes
 from minigpt.model import GPTModel
 from minigpt.tokenizer import RANKS_SHA256
-from minigpt.train import init_distributed
 from minigpt.utils import seed_everything
 from pipeline import paths
-from pipeline.common import load_config, read_params, stage_device, stage_main
-from pipeline.run import connect
-from pipeline.training import Outputs, code_fingerprint, prepare_checkpoints, resume_mode, tracked_training
+from pipeline.common import load_config, read_params, stage_main
+from pipeline.training import Outputs, code_fingerprint, resume_mode, start_training_stage, tracked_training
 
 OUTPUTS = Outputs(paths.CHECKPOINTS, paths.TRAIN_CURVE, paths.TRAIN_CURVE_PNG, paths.TRAIN_METRICS,
                   paths.MLFLOW_RUN)
@@ -43,15 +39,7 @@ def main() -> None:
     params = read_params()
     run_config = {k: params[k] for k in ("model", "data", "train")}
 
-    device = stage_device(cfg.train.device)
-    ctx = init_distributed(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", ctx.local_rank)
-        torch.cuda.set_device(device)
-    experiment_id = None
-    if ctx.is_main:
-        experiment_id = connect(cfg.tracking)  # a dead tracking server fails now, not after training
-        prepare_checkpoints("pretrain", paths.CHECKPOINTS)
+    device, ctx, experiment_id = start_training_stage("pretrain", cfg.train.device, cfg.tracking, paths.CHECKPOINTS)
 
     loader_args = dict(max_length=cfg.data.max_length, batch_size=cfg.train.micro_batch_size,
                        seed=cfg.data.shuffle_seed, num_workers=cfg.data.num_workers,

@@ -28,10 +28,11 @@ from mlflow.tracking import MlflowClient
 from minigpt.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_state, remove_partial_checkpoints
 from minigpt.config import TrackingConfig, TrainConfig
 from minigpt.io import atomic_path, sha256_bytes, write_json_atomic, write_text_atomic
-from minigpt.train import DistContext, LossFn, Record, ResumableLoader, TrainState, stop_reason, train
+from minigpt.train import (DistContext, LossFn, Record, ResumableLoader, TrainState, init_distributed, stop_reason,
+                           train)
 from pipeline import paths
-from pipeline.common import project_modules
-from pipeline.run import describe, start_run
+from pipeline.common import project_modules, stage_device
+from pipeline.run import connect, describe, start_run
 from pipeline.tracking import MetricLogger, log_model, run_status
 
 BUDGET_KEYS = ("max_steps", "max_tokens", "max_time")
@@ -224,7 +225,20 @@ def tracked_training(
           f"MLflow run {active.info.run_id}")
 
 
-def prepare_checkpoints(stage: str, checkpoints: Path) -> None:
-    """Delete what checkpoint writes killed mid-way left behind, before DVC could record it."""
+def start_training_stage(stage: str, device_name: str, tracking: TrackingConfig,
+                         checkpoints: Path) -> tuple[torch.device, DistContext, str | None]:
+    """The device and process group (torchrun) of a training stage; on rank 0 also the
+    MLflow experiment id, after checking the store (a dead server fails now, not after
+    training) and deleting what checkpoint writes killed mid-way left behind (before DVC
+    could record it as part of the output)."""
+    device = stage_device(device_name)
+    ctx = init_distributed(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+    if not ctx.is_main:
+        return device, ctx, None
+    experiment_id = connect(tracking)
     for leftover in remove_partial_checkpoints(checkpoints):
         print(f"{stage}: removed {leftover}, left by an interrupted checkpoint write")
+    return device, ctx, experiment_id
