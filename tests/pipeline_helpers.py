@@ -11,7 +11,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["train=smoke", "data=shakespeare-mini", "eval.val_batches=4", "eval.train_batches=2",
-         "eval.batch_size=4", "sample.max_new_tokens=8", "sample.prompts=[ROMEO:]"]
+         "eval.batch_size=4", "sample.max_new_tokens=8", "sample.prompts=[ROMEO:]",
+         # the finetune stages: four steps (not five epochs) on the default spam task
+         "finetune.epochs=null", "finetune.train.max_steps=4"]
+# dvc.yaml's stages in the order a first `dvc repro` runs them
+STAGES = ["prepare", "split", "tokenize", "pretrain", "evaluate", "sample", "finetune_prepare", "finetune",
+          "finetune_evaluate"]
 
 
 def clone_checkout(dest: Path) -> Path:
@@ -70,6 +75,11 @@ def all_runs(uri: str):
     c = client(uri)
     exp = c.get_experiment_by_name("minigpt")
     return [] if exp is None else c.search_runs([exp.experiment_id])
+
+
+def stage_runs(uri: str, stage: str) -> list:
+    """The runs of one training stage (tag `stage`: pretrain or finetune), newest first."""
+    return [r for r in all_runs(uri) if r.data.tags.get("stage") == stage]
 
 
 def ran_stages(output: str) -> list[str]:

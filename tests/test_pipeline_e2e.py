@@ -17,7 +17,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline_helpers import SMOKE, all_runs, client, clone_checkout, compose_smoke, env_for, git, ran_stages, run
+from pipeline_helpers import (
+    SMOKE,
+    STAGES,
+    all_runs,
+    client,
+    clone_checkout,
+    compose_smoke,
+    env_for,
+    git,
+    ran_stages,
+    run,
+    stage_runs,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +40,7 @@ def project(tmp_path_factory) -> Path:
     repo = clone_checkout(tmp_path_factory.mktemp("clone"))
     compose_smoke(repo)
     proc = run(repo, "dvc", "repro")
-    assert ran_stages(proc.stdout) == ["prepare", "split", "tokenize", "pretrain", "evaluate", "sample"]
+    assert ran_stages(proc.stdout) == STAGES
     return repo
 
 
@@ -42,12 +54,15 @@ def test_repro_produces_reports(project):
     assert [s["temperature"] for s in samples] == [0.0, 0.8]
     assert all(s["text"].startswith("ROMEO:") for s in samples)
     assert (project / "checkpoints/best.safetensors").is_file()
+    # The finetune stages ran too (four smoke steps; tests/test_finetune_pipeline.py looks closer).
+    assert json.loads((project / "reports/finetune_train.json").read_text())["steps"] == 4
+    assert "accuracy" in json.loads((project / "reports/finetune_eval.json").read_text())
 
 
 def test_one_mlflow_run_holds_everything(project):
     uri = f"sqlite:///{project / 'mlflow.db'}"
-    runs = all_runs(uri)
-    assert len(runs) == 1
+    runs = stage_runs(uri, "pretrain")
+    assert len(runs) == 1 and len(all_runs(uri)) == 2  # and the finetune's own run
     run_ = runs[0]
     assert run_.info.status == "FINISHED"
     assert json.loads((project / "reports/mlflow_run.json").read_text())["run_id"] == run_.info.run_id
@@ -90,7 +105,8 @@ def test_second_repro_is_a_no_op_and_a_sample_param_reruns_only_sample(project):
     compose_smoke(project, "sample.temperatures=[0.5]")
     proc = run(project, "dvc", "repro")
     assert ran_stages(proc.stdout) == ["sample"]
-    assert len(all_runs(f"sqlite:///{project / 'mlflow.db'}")) == 1  # sample joined the same run
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    assert len(stage_runs(uri, "pretrain")) == 1 and len(all_runs(uri)) == 2  # sample joined the same run
     shown = json.loads(run(project, "dvc", "metrics", "show", "--json").stdout)
     assert "reports/eval.json" in json.dumps(shown)
     plots = json.loads(run(project, "dvc", "plots", "show", "--json").stdout)
@@ -110,8 +126,11 @@ def test_queued_sweep_runs_in_parallel_and_keeps_every_run(project):
             break
         time.sleep(3)
     assert status.count("Success") == 2, status
-    new = [r for r in all_runs(uri) if r.info.run_id not in before]
+    new = [r for r in stage_runs(uri, "pretrain") if r.info.run_id not in before]
     assert sorted(r.data.params["train.lr"] for r in new) == ["0.001", "0.003"]
+    finetunes = [r for r in stage_runs(uri, "finetune") if r.info.run_id not in before]
+    assert sorted(r.data.tags["mlflow.parentRunId"] for r in finetunes) == sorted(r.info.run_id for r in new)
+    assert {r.info.status for r in finetunes} == {"FINISHED"}
     for r in new:
         assert r.info.status == "FINISHED"
         assert "eval.val_loss" in r.data.metrics and r.data.tags.get("dvc.exp_name")
@@ -171,8 +190,10 @@ def test_pipeline_logs_to_a_real_mlflow_server(tmp_path):
                 time.sleep(1)
         run(repo, "dvc", "repro", MLFLOW_TRACKING_URI=url)
         assert not (repo / "mlflow.db").exists()  # nothing went to the local store
-        runs = all_runs(url)
+        runs = stage_runs(url, "pretrain")
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        (finetune,) = stage_runs(url, "finetune")
+        assert finetune.info.status == "FINISHED" and finetune.data.tags["mlflow.parentRunId"] == runs[0].info.run_id
         assert "eval.val_loss" in runs[0].data.metrics
         # Artifacts went through the server (proxied), into its own destination.
         assert {a.path for a in client(url).list_artifacts(runs[0].info.run_id, "reports")} >= {"reports/eval.json"}
