@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
+from minigpt.checkpoint import read_checkpoint_state
 from minigpt.config import FinetuneConfig
 from minigpt.data.tasks import read_tokenized_split
-from minigpt.io import sha256_file
+from minigpt.io import sha256_bytes
 from minigpt.model import GPTModel
 from minigpt.tasks.batches import create_task_loader
 from minigpt.tasks.classification import ClassificationLoss, SequenceClassifier, collate_classification, predict
@@ -25,7 +26,7 @@ from minigpt.tokenizer import RANKS_SHA256
 from minigpt.train import DistContext, LanguageModelLoss
 from minigpt.utils import seed_everything
 from pipeline import paths
-from pipeline.common import load_config, read_params, stage_main
+from pipeline.common import StageError, load_config, read_params, stage_main
 from pipeline.run import recorded_run
 from pipeline.trained import load_init_model
 from pipeline.training import Outputs, code_fingerprint, resume_mode, start_training_stage, tracked_training
@@ -52,6 +53,23 @@ def task_loaders(ft: FinetuneConfig, ctx: DistContext = DistContext(), splits: t
             for split in splits]
 
 
+def check_classes(ft: FinetuneConfig, checkpoint: str) -> None:
+    """A checkpoint named by `train.resume` must have been trained for these classes: its head
+    has one row per class, and a count that differs is said plainly, not as a size mismatch."""
+    saved = read_checkpoint_state(checkpoint).get("run_info", {}).get("config", {}).get("finetune", {})
+    old = saved.get("data", {}).get("classes")
+    if ft.task == "classification" and old is not None and len(old) != len(ft.data.classes):
+        raise StageError(f"{paths.PARAMS}: finetune.data.classes: {checkpoint} was trained with {len(old)} "
+                         f"classes {old}, this config has {len(ft.data.classes)} {ft.data.classes}")
+
+
+def data_fingerprint() -> str:
+    """One hash for the exact examples (token ids, labels) of every split: a resume on other
+    data is refused (`train`), and the MLflow tag tells two datasets apart."""
+    files = [paths.FINETUNE_TOKENS / f"{split}.jsonl" for split in ("train", "val", "test")]
+    return sha256_bytes(b"".join(f.name.encode() + b"\0" + f.read_bytes() for f in files))
+
+
 def resolved_config(params: dict[str, Any], ft: FinetuneConfig, max_steps: int) -> dict[str, Any]:
     """What this finetune is, for resuming: the finetune section with `epochs` turned into
     steps (so more epochs is a raised budget), and the model it starts from."""
@@ -73,14 +91,15 @@ def main() -> None:
     run_config = resolved_config(params, ft, max_steps)
     code_sha256 = code_fingerprint()
     resume, saved = resume_mode(ft.train, run_config, code_sha256, paths.FINETUNE_CHECKPOINTS, "finetune")
+    if resume not in ("auto", "never"):
+        check_classes(ft, resume)
     train_cfg = ft.train.model_copy(update={"resume": resume, "max_steps": max_steps})
 
     seed_everything(train_cfg.seed)  # the new head's initial weights
     backbone, init_path, init_sha256 = load_init_model(ft, cfg.model)
     model = task_model(ft, backbone)
     manifest = json.loads((paths.FINETUNE_TOKENS / "manifest.json").read_text())
-    run_info = {"config": run_config, "model_config": backbone.cfg.model_dump(),
-                "data_sha256": sha256_file(paths.FINETUNE_TOKENS / "manifest.json"),
+    run_info = {"config": run_config, "model_config": backbone.cfg.model_dump(), "data_sha256": data_fingerprint(),
                 "tokenizer_sha256": RANKS_SHA256, "code_sha256": code_sha256, "init_sha256": init_sha256}
     tags = {"stage": "finetune", "finetune.task": ft.task, "finetune.trainable": ft.trainable,
             "init.path": init_path, "init.sha256": init_sha256}

@@ -12,11 +12,11 @@ from pipeline.trained import init_context_length
 def main() -> None:
     cfg = load_config("model", "finetune")
     ft = cfg.finetune
+    context_length = init_context_length(ft, cfg.model)  # a bad `init` fails before anything is written
     prepare = prepare_classification if ft.task == "classification" else prepare_instructions
     split = prepare(ft.data, paths.FINETUNE_SPLITS)
     tokens = tokenize_task_splits(paths.FINETUNE_SPLITS, paths.FINETUNE_TOKENS, ft.task,
-                                  context_length=init_context_length(ft, cfg.model), max_length=ft.max_length,
-                                  truncate=ft.truncate)
+                                  context_length=context_length, max_length=ft.max_length, truncate=ft.truncate)
     print(f"finetune_prepare: {split['rows']} rows, {split['duplicates_removed']} duplicates removed")
     for name in ("train", "val", "test"):
         counts = split.get("counts", {}).get(name)
