@@ -92,7 +92,7 @@ def test_the_finetune_is_its_own_mlflow_run_nested_under_pretrain(project):
                       for s in ("train", "val", "test"))
     assert tags["data.sha256"] == hashlib.sha256(splits).hexdigest()  # the examples themselves
     assert len(tags["code.sha256"]) == 64
-    assert tags["finetune.task"] == "classification" and tags["finetune.trainable"] == "last_block"
+    assert tags["finetune.task"] == "classification" and tags["finetune.trainable"] == "all"
     assert tags["git.commit"] == git(project, "rev-parse", "HEAD").strip()
     params = finetune.data.params
     assert params["finetune.epochs"] == "1" and params["finetune.data.classes"] == "['ham', 'spam']"
