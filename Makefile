@@ -62,13 +62,14 @@ params: $(STAMP)
 sweep: $(STAMP)
 	$(PY) -m pipeline.run
 	dvc exp run --queue $(SWEEP)
-	dvc queue start -j 2
+	MINIGPT_SWEEP=sweep-$$(date +%Y%m%d-%H%M%S) dvc queue start -j 2  # a tag shared by this sweep's runs
 	@while dvc queue status | grep -qE 'Queued|Running'; do sleep 10; done
 	dvc queue status
-	dvc exp show --only-changed
+	dvc exp show --no-pager --only-changed --drop '.*/.*|checkpoints.*|datasets'  # params and metrics, no dep hashes
 
 ui: $(STAMP)
-	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (Ctrl-C to stop)"
+	@$(PY) -m pipeline.run --ui http://127.0.0.1:$(UI_PORT)
+	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (Ctrl-C to stop); open the training-runs URL above"
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 bench: $(STAMP)

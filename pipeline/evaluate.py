@@ -34,7 +34,7 @@ def main() -> None:
     write_json_atomic(paths.EVAL_METRICS, report)
     with join_run(cfg.tracking):
         mlflow.log_metrics({f"eval.{k}": v for k, v in report.items() if isinstance(v, (int, float))})
-        mlflow.log_artifact(str(paths.EVAL_METRICS), artifact_path="reports")
+        mlflow.log_artifact(str(paths.EVAL_METRICS))
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def main() -> None:
     tracked_training(
         "finetune", OUTPUTS, model, train_cfg, saved, tracking=cfg.tracking,
         params={k: params[k] for k in ("model", "finetune")}, run_info=run_info,
-        tags=tags, run_name=f"finetune·{ft.task}·{ft.trainable}", train_loader=train_loader,
+        tags=tags, name=f"finetune·{ft.task}·{ft.trainable}", name_keys=("finetune.",), train_loader=train_loader,
         val_loader=val_loader, device=device, ctx=ctx, max_length=manifest["max_length"],
         experiment_id=experiment_id, description=description,
         loss_fn=ClassificationLoss() if ft.task == "classification" else LanguageModelLoss(ft.train.loss_chunk_size),

@@ -101,7 +101,7 @@ def main() -> None:
         scalars |= {f"macro_{k}": v for k, v in report.get("macro", {}).items()}
         mlflow.log_metrics({f"test.{k}": v for k, v in scalars.items()})
         for path in (paths.FINETUNE_EVAL, paths.FINETUNE_EVAL_PNG, paths.FINETUNE_PREDICTIONS):
-            mlflow.log_artifact(str(path), artifact_path="reports")
+            mlflow.log_artifact(str(path))
 
 
 if __name__ == "__main__":

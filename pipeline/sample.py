@@ -52,8 +52,8 @@ def main() -> None:
     write_json_atomic(paths.SAMPLES_JSON, {"checkpoint": checkpoint, "config": cfg.model_dump(), "samples": samples})
     write_text_atomic(paths.SAMPLES_MD, to_markdown(samples, cfg, checkpoint))
     with join_run(stage.tracking):
-        mlflow.log_artifact(str(paths.SAMPLES_MD), artifact_path="reports")
-        mlflow.log_artifact(str(paths.SAMPLES_JSON), artifact_path="reports")
+        mlflow.log_artifact(str(paths.SAMPLES_MD))
+        mlflow.log_artifact(str(paths.SAMPLES_JSON))
 
 
 if __name__ == "__main__":

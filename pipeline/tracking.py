@@ -24,6 +24,7 @@ from typing import Any
 import mlflow
 import psutil
 import torch
+import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -80,9 +81,12 @@ def ensure_experiment(name: str, root: Path) -> str:
             exp = client.get_experiment_by_name(name)
             if exp is not None:
                 return exp.experiment_id
-            # A local store gets an absolute artifact location; a server decides its own.
+            # A local store gets an absolute artifact location; a server decides its own. The
+            # kind tag says "model training, not GenAI" to UIs that read it (3.17's does not:
+            # see pipeline.run.runs_url).
             location = artifact_root(root) if uri.startswith("sqlite:") else None
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location,
+                                            tags={"mlflow.experimentKind": "custom_model_development"})
         except MlflowException as err:
             if attempt == 4 or "already exists" not in str(err):
                 raise
@@ -102,21 +106,36 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# Files whose change a run's own params explain: a queued experiment's composed params.yaml
+# (its -S overrides, logged as params) and DVC's lock file. They do not make the code dirty.
+_PARAM_FILES = ("params.yaml", "dvc.lock")
+
+
+def _git(checkout: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(checkout), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.rstrip() if out.returncode == 0 else None  # not strip(): status lines start with a space
+
+
 def git_tags(checkout: Path) -> dict[str, str]:
-    """Commit and dirty flag (tracked files only) of the code in `checkout`."""
-
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", "-C", str(checkout), *args], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
+    """Commit and dirty flag of the code in `checkout`: dirty when a tracked file other than
+    the params (params.yaml, dvc.lock) differs from the commit."""
+    commit = _git(checkout, "rev-parse", "HEAD")
     if not commit:
         return {}
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    changed = [line[3:] for line in (_git(checkout, "status", "--porcelain", "--untracked-files=no") or "").splitlines()]
+    dirty = any(path not in _PARAM_FILES for path in changed)
     return {"mlflow.source.git.commit": commit, "git.commit": commit, "git.dirty": str(dirty).lower()}
+
+
+def committed_params(checkout: Path) -> dict[str, Any] | None:
+    """params.yaml as the checkout's commit has it (None outside git): in a queued experiment,
+    the baseline that its -S overrides were applied to."""
+    text = _git(checkout, "show", "HEAD:params.yaml")
+    loaded = yaml.safe_load(text) if text else None
+    return loaded if isinstance(loaded, dict) else None
 
 
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:

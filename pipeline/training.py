@@ -174,13 +174,14 @@ def write_reports(outputs: Outputs, state: TrainState, reason: str, n_params: in
 def tracked_training(
     stage: str, outputs: Outputs, model: torch.nn.Module, train_cfg: TrainConfig, saved: dict[str, Any] | None,
     *, tracking: TrackingConfig, params: dict[str, Any], run_info: dict[str, Any], tags: dict[str, str],
-    run_name: str | None, train_loader: ResumableLoader, val_loader: ResumableLoader, device: torch.device,
-    ctx: DistContext, max_length: int | None, experiment_id: str | None, loss_fn: LossFn | None = None,
+    name: str, name_keys: tuple[str, ...], description: str, train_loader: ResumableLoader,
+    val_loader: ResumableLoader, device: torch.device, ctx: DistContext, max_length: int | None,
+    experiment_id: str | None, loss_fn: LossFn | None = None,
     eval_metrics: Callable[[torch.nn.Module], dict[str, float]] | None = None,
-    description: str | None = None,
 ) -> None:
     """Train (`saved`: the checkpoint state `resume_mode` chose to continue) inside an MLflow
-    run, then write and log the reports, the best checkpoint and the model."""
+    run (named and described as `pipeline.run.start_run` says), then write and log the
+    reports, the best checkpoint and the model."""
     train_args = dict(loss_fn=loss_fn, eval_metrics=eval_metrics, run_info=run_info, device=device,
                       ctx=ctx, max_length=max_length)
     if not ctx.is_main:  # only rank 0 talks to MLflow and writes files
@@ -201,8 +202,8 @@ def tracked_training(
     # A finished run stays finished: training it further (a raised budget) is a new run.
     reopen, continues = (None, previous) if status == "FINISHED" else (previous, None)
     started = time.time()
-    with start_run(tracking, params, run_info, reopen_run_id=reopen, continues_run_id=continues,
-                   tags=tags, run_name=run_name, description=description) as active:
+    with start_run(tracking, params, run_info, name=name, name_keys=name_keys, description=description,
+                   reopen_run_id=reopen, continues_run_id=continues, tags=tags) as active:
         run_info["mlflow_run_id"] = active.info.run_id
         metric_logger = MetricLogger(MlflowClient(), active.info.run_id)
         if continues:
@@ -212,8 +213,9 @@ def tracked_training(
         metric_logger.flush()
         metrics = write_reports(outputs, result.state, result.stop_reason, model.num_parameters())
         mlflow.log_metrics({f"final.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        # At the run's root: MLflow's compare page shows only root-level files that all runs have.
         for path in (outputs.metrics, outputs.curve, outputs.curve_png):
-            mlflow.log_artifact(str(path), artifact_path="reports")
+            mlflow.log_artifact(str(path))
         best = result.best_checkpoint or result.last_checkpoint
         mlflow.log_artifact(str(best), artifact_path="checkpoint")
         if tracking.log_model:

@@ -107,10 +107,10 @@ def test_the_finetune_is_its_own_mlflow_run_nested_under_pretrain(project):
     assert metrics["test.accuracy"] == pytest.approx(report["accuracy"])
     assert metrics["test.macro_f1"] == pytest.approx(report["macro"]["f1"])
     assert "test.accuracy" not in pretrain.data.metrics  # nothing of the finetune went into pretrain's run
-    artifacts = {a.path for d in ("reports", "checkpoint", "config")
+    artifacts = {a.path for d in (None, "checkpoint", "config")
                  for a in client(uri).list_artifacts(finetune.info.run_id, d)}
-    assert {"reports/finetune_eval.json", "reports/finetune_eval.png", "reports/finetune_predictions.jsonl",
-            "reports/finetune_curve.png", "checkpoint/best.safetensors", "config/params.yaml"} <= artifacts
+    assert {"finetune_eval.json", "finetune_eval.png", "finetune_predictions.jsonl",
+            "finetune_curve.png", "checkpoint/best.safetensors", "config/params.yaml"} <= artifacts
 
 
 def test_logged_model_loads_and_predicts_as_the_evaluation_did(project):

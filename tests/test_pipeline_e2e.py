@@ -78,9 +78,9 @@ def test_one_mlflow_run_holds_everything(project):
     assert tags["git.commit"] == git(project, "rev-parse", "HEAD").strip()
     assert tags["git.dirty"] == "false"
     assert len(tags["data.sha256"]) == 64 and len(tags["tokenizer.sha256"]) == 64
-    artifacts = {a.path for d in ("config", "reports", "checkpoint")
-                 for a in client(uri).list_artifacts(run_.info.run_id, d)}
-    assert {"config/params.yaml", "reports/train_curve.png", "reports/eval.json", "reports/samples.md",
+    artifacts = {a.path for d in (None, "config", "checkpoint") for a in client(uri).list_artifacts(run_.info.run_id, d)}
+    # The reports at the root, where MLflow's compare page finds them as common artifacts.
+    assert {"config/params.yaml", "train_curve.png", "eval.json", "samples.md",
             "checkpoint/best.safetensors"} <= artifacts
     assert Path(client(uri).get_experiment(run_.info.experiment_id).artifact_location.removeprefix("file://")).is_dir()
 
@@ -118,7 +118,7 @@ def test_queued_sweep_runs_in_parallel_and_keeps_every_run(project):
     before = {r.info.run_id for r in all_runs(uri)}
     overrides = [arg for o in SMOKE for arg in ("-S", o)]
     run(project, "dvc", "exp", "run", "--queue", *overrides, "-S", "train.lr=1e-3,3e-3")
-    run(project, "dvc", "queue", "start", "-j", "2")
+    run(project, "dvc", "queue", "start", "-j", "2", MINIGPT_SWEEP="sweep-test")  # as `make sweep` does
     deadline = time.time() + 600
     while time.time() < deadline:
         status = run(project, "dvc", "queue", "status").stdout
@@ -131,11 +131,18 @@ def test_queued_sweep_runs_in_parallel_and_keeps_every_run(project):
     finetunes = [r for r in stage_runs(uri, "finetune") if r.info.run_id not in before]
     assert sorted(r.data.tags["mlflow.parentRunId"] for r in finetunes) == sorted(r.info.run_id for r in new)
     assert {r.info.status for r in finetunes} == {"FINISHED"}
+    # Told apart: named by what differs, grouped by the sweep, drawn in different colours; the
+    # composed params.yaml of a queued experiment does not make its code "dirty".
+    assert sorted(r.info.run_name for r in new) == ["gpt2-tiny·shakespeare·lr=0.001", "gpt2-tiny·shakespeare·lr=0.003"]
+    assert {r.data.tags["sweep"] for r in new + finetunes} == {"sweep-test"}
+    assert len({r.data.tags["mlflow.runColor"] for r in new}) == 2
+    assert {r.data.tags["git.dirty"] for r in new} == {"false"}
+    assert all("`train.lr=" in r.data.tags["mlflow.note.content"] for r in new)
     for r in new:
         assert r.info.status == "FINISHED"
         assert "eval.val_loss" in r.data.metrics and r.data.tags.get("dvc.exp_name")
-        paths_ = {a.path for a in client(uri).list_artifacts(r.info.run_id, "reports")}
-        assert "reports/samples.md" in paths_
+        paths_ = {a.path for a in client(uri).list_artifacts(r.info.run_id)}
+        assert "samples.md" in paths_
     assert not list((project / ".dvc/tmp/exps").glob("tmp*"))  # temporary copies are gone
     shown = json.loads(run(project, "dvc", "exp", "show", "--json").stdout)
     exps = [e for rev in shown for e in (rev.get("experiments") or [])]
@@ -196,7 +203,7 @@ def test_pipeline_logs_to_a_real_mlflow_server(tmp_path):
         assert finetune.info.status == "FINISHED" and finetune.data.tags["mlflow.parentRunId"] == runs[0].info.run_id
         assert "eval.val_loss" in runs[0].data.metrics
         # Artifacts went through the server (proxied), into its own destination.
-        assert {a.path for a in client(url).list_artifacts(runs[0].info.run_id, "reports")} >= {"reports/eval.json"}
+        assert {a.path for a in client(url).list_artifacts(runs[0].info.run_id)} >= {"eval.json"}
         assert any((server_dir / "artifacts").rglob("eval.json"))
     finally:
         server.terminate()

@@ -238,11 +238,12 @@ class TrainResult:
     history: list[Record]  # the whole run's records, those restored from a checkpoint included
 
 
-def stop_reason(state: TrainState, cfg: TrainConfig) -> str | None:
+def stop_reason(state: TrainState, cfg: TrainConfig, check_time: bool = True) -> str | None:
     """Why a run in `state` must not take another step under `cfg`, or None.
 
-    Also answers, before any training, whether a saved run is already complete.
-    (`max_time` is checked in the loop, agreed between DDP ranks.)
+    Also answers, before any training, whether a saved run is already complete. The loop
+    passes `check_time=False` and asks all DDP ranks about `max_time` together: each rank
+    has its own clock, and one that stopped alone would leave the others waiting forever.
     """
     if cfg.patience is not None and state.evals_without_improvement >= cfg.patience:
         return "early_stopping"
@@ -250,7 +251,7 @@ def stop_reason(state: TrainState, cfg: TrainConfig) -> str | None:
         return "max_steps"
     if cfg.max_tokens is not None and state.tokens_seen >= cfg.max_tokens:
         return "max_tokens"
-    if cfg.max_time is not None and state.train_time >= cfg.max_time:
+    if check_time and cfg.max_time is not None and state.train_time >= cfg.max_time:
         return "max_time"
     return None
 
@@ -384,7 +385,7 @@ def train(
     model.train()
     try:  # the bar ends its line on any error, so the error message starts on its own
         while True:
-            reason = stop_reason(state, cfg)
+            reason = stop_reason(state, cfg, check_time=False)  # the same on every rank
             if cfg.max_time is not None:  # every rank stops at the same step
                 reason = reason or ("max_time" if _on_any_rank(state.train_time >= cfg.max_time, ctx, device) else None)
             if reason is not None:
