@@ -21,7 +21,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 SWEEP ?= -S data=shakespeare-mini -S train.max_steps=200 -S 'train.lr=1e-3,3e-3'
 UI_PORT ?= 5000
 
-.PHONY: help setup test test-fast run params sweep ui bench clean distclean
+.PHONY: help setup test test-fast run params sweep compare ui bench clean distclean
 
 help:
 	@echo "make setup      create .venv, install torch (CPU) + minigpt[pipeline,dev], cache the tokenizer"
@@ -30,6 +30,7 @@ help:
 	@echo "make run        run the pipeline (dvc repro) on the default corpus"
 	@echo "make params     compose conf/ into params.yaml (what dvc exp run does)"
 	@echo "make sweep      queue a small hyper-parameter sweep and run it 2 at a time"
+	@echo "make compare    the latest sweep's runs: differing params + scores -> reports/compare.{md,png}"
 	@echo "make ui         MLflow UI on the local store at http://127.0.0.1:$(UI_PORT)"
 	@echo "make bench      run the benchmarks"
 	@echo "make clean      remove caches and build leftovers (keeps .venv, data, runs)"
@@ -66,6 +67,10 @@ sweep: $(STAMP)
 	@while dvc queue status | grep -qE 'Queued|Running'; do sleep 10; done
 	dvc queue status
 	dvc exp show --no-pager --only-changed --drop '.*/.*|checkpoints.*|datasets'  # params and metrics, no dep hashes
+
+# COMPARE='--all' or COMPARE='RUN_ID RUN_ID' or COMPARE='--stage finetune' (see python -m pipeline.compare -h)
+compare: $(STAMP)
+	$(PY) -m pipeline.compare $(COMPARE)
 
 ui: $(STAMP)
 	@$(PY) -m pipeline.run --ui http://127.0.0.1:$(UI_PORT)

@@ -11,6 +11,7 @@ from minigpt.io import write_json_atomic
 from pipeline import paths
 from pipeline.common import load_config, stage_device, stage_main
 from pipeline.run import join_run
+from pipeline.tracking import log_results
 from pipeline.trained import load_trained_model
 
 
@@ -33,7 +34,12 @@ def main() -> None:
               f"{scores['bits_per_byte']:.4f} bits/byte over {scores['tokens']:,} tokens")
     write_json_atomic(paths.EVAL_METRICS, report)
     with join_run(cfg.tracking):
-        mlflow.log_metrics({f"eval.{k}": v for k, v in report.items() if isinstance(v, (int, float))})
+        # The full split, beside the `val_loss` series (an estimate on a few batches per evaluation).
+        log_results({"val_loss_full": report["val_loss"], "val_perplexity": report["val_perplexity"],
+                     "val_bits_per_byte": report["val_bits_per_byte"], "train_loss_full": report["train_loss"],
+                     "train_perplexity": report["train_perplexity"],
+                     "train_bits_per_byte": report["train_bits_per_byte"]},
+                    {f"eval.{k}": report[k] for k in ("step", "val_tokens", "val_bytes", "train_tokens", "train_bytes")})
         mlflow.log_artifact(str(paths.EVAL_METRICS))
 
 

@@ -97,9 +97,12 @@ def main() -> None:
     report = {"task": ft.task, "checkpoint": checkpoint, **report_fn(ft, model, device)}
     write_json_atomic(paths.FINETUNE_EVAL, report)
     with join_run(cfg.tracking, paths.FINETUNE_RUN):
-        scalars = {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        scalars |= {f"macro_{k}": v for k, v in report.get("macro", {}).items()}
-        mlflow.log_metrics({f"test.{k}": v for k, v in scalars.items()})
+        scores = {k: v for k, v in report.items() if k in ("accuracy", "test_loss", "rouge_l", "token_f1")}
+        scores |= {f"macro_{k}": v for k, v in report.get("macro", {}).items()}
+        scores |= {f"f1_{name}": c["f1"] for name, c in report.get("per_class", {}).items()}
+        examples = report["examples"] if ft.task == "instruction" else sum(map(sum, report["confusion_matrix"]))
+        log_results({k if k.startswith("test_") else f"test_{k}": v for k, v in scores.items()},
+                    {"test.examples": examples})
         for path in (paths.FINETUNE_EVAL, paths.FINETUNE_EVAL_PNG, paths.FINETUNE_PREDICTIONS):
             mlflow.log_artifact(str(path))
 

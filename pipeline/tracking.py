@@ -148,11 +148,24 @@ def log_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
+def log_results(scores: Mapping[str, Any], counts: Mapping[str, Any]) -> None:
+    """A stage's final numbers on the active run: `scores` as top-level metrics the runs table
+    sorts by (no prefix, the same keys in every run), `counts` (steps, tokens, bytes, sizes)
+    as tags, so the UI's metric charts and parallel coordinates lead with the scores."""
+    mlflow.log_metrics({k: float(v) for k, v in scores.items()})
+    log_tags(MlflowClient(), mlflow.active_run().info.run_id, {k: str(v) for k, v in counts.items()})
+
+
 class MetricLogger:
     """Training-loop callback: buffers records and writes them in batches.
 
+    Each key is one series over `step`. Counts and quantities a chart of the loss does not
+    need are left out (`tokens` grows with the step; `best_val_loss` and `val_perplexity`
+    restate `val_loss`): one val-loss series, so the UI's charts lead with the losses.
     `replay(history)` logs records of an earlier execution (a run continued in a new
     MLflow run), so that run's charts show the whole training."""
+
+    SKIPPED = ("kind", "step", "tokens", "best_val_loss", "val_perplexity")
 
     def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 200) -> None:
         self.client = client
@@ -164,7 +177,7 @@ class MetricLogger:
         step = int(record["step"])
         now = int(time.time() * 1000)
         for key, value in record.items():
-            if key in ("kind", "step") or not isinstance(value, (int, float)):
+            if key in self.SKIPPED or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             self.buffer.append(Metric(key, float(value), now, step))
         if len(self.buffer) >= self.flush_every or record.get("kind") == "eval":

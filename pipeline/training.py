@@ -33,7 +33,7 @@ from minigpt.train import (DistContext, LossFn, Record, ResumableLoader, TrainSt
 from pipeline import paths
 from pipeline.common import project_modules, stage_device
 from pipeline.run import connect, describe, start_run
-from pipeline.tracking import MetricLogger, log_model, run_status
+from pipeline.tracking import MetricLogger, log_model, log_results, run_status
 
 BUDGET_KEYS = ("max_steps", "max_tokens", "max_time")
 
@@ -212,7 +212,9 @@ def tracked_training(
                        callbacks=(metric_logger,), **train_args)
         metric_logger.flush()
         metrics = write_reports(outputs, result.state, result.stop_reason, model.num_parameters())
-        mlflow.log_metrics({f"final.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        # The run's size and end as tags; its losses are the step series already.
+        log_results({}, {f"train.{k}": v for k, v in metrics.items()
+                         if k in ("steps", "tokens", "stop_reason", "train_seconds", "parameters", "tokens_per_s")})
         # At the run's root: MLflow's compare page shows only root-level files that all runs have.
         for path in (outputs.metrics, outputs.curve, outputs.curve_png):
             mlflow.log_artifact(str(path))

@@ -104,9 +104,11 @@ def test_the_finetune_is_its_own_mlflow_run_nested_under_pretrain(project):
     assert all(0 <= m.value <= 1 for m in history["val_accuracy"])
     metrics = finetune.data.metrics
     report = read_json(project, "reports/finetune_eval.json")
-    assert metrics["test.accuracy"] == pytest.approx(report["accuracy"])
-    assert metrics["test.macro_f1"] == pytest.approx(report["macro"]["f1"])
-    assert "test.accuracy" not in pretrain.data.metrics  # nothing of the finetune went into pretrain's run
+    assert metrics["test_accuracy"] == pytest.approx(report["accuracy"])
+    assert metrics["test_macro_f1"] == pytest.approx(report["macro"]["f1"])
+    assert metrics["test_f1_spam"] == pytest.approx(report["per_class"]["spam"]["f1"])
+    assert finetune.data.tags["test.examples"] == "224"
+    assert "test_accuracy" not in pretrain.data.metrics  # nothing of the finetune went into pretrain's run
     artifacts = {a.path for d in (None, "checkpoint", "config")
                  for a in client(uri).list_artifacts(finetune.info.run_id, d)}
     assert {"finetune_eval.json", "finetune_eval.png", "finetune_predictions.jsonl",
@@ -199,8 +201,8 @@ def test_an_instruction_finetune_runs_end_to_end(project):
     assert new.info.status == "FINISHED"
     assert new.data.tags["finetune.task"] == "instruction" and new.data.tags["finetune.trainable"] == "all"
     assert new.data.tags["mlflow.parentRunId"] == read_json(project, "reports/mlflow_run.json")["run_id"]
-    assert new.data.metrics["test.rouge_l"] == pytest.approx(report["rouge_l"])
-    assert new.data.metrics["test.test_loss"] == pytest.approx(report["test_loss"])
+    assert new.data.metrics["test_rouge_l"] == pytest.approx(report["rouge_l"])
+    assert new.data.metrics["test_loss"] == pytest.approx(report["test_loss"])
     assert "val_accuracy" not in new.data.metrics
     steps = read_json(project, "reports/finetune_train.json")["steps"]
     assert steps == 51 // 8  # one epoch

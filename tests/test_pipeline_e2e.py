@@ -72,8 +72,14 @@ def test_one_mlflow_run_holds_everything(project):
     history = client(uri).get_metric_history(run_.info.run_id, "train_loss")
     assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
     assert [m.step for m in client(uri).get_metric_history(run_.info.run_id, "val_loss")] == [3, 6]
-    for key in ("lr", "grad_norm", "tokens_per_s", "mfu", "eval.val_loss", "eval.val_bits_per_byte"):
-        assert key in run_.data.metrics
+    metrics = run_.data.metrics
+    for key in ("lr", "grad_norm", "tokens_per_s", "mfu", "val_loss", "val_loss_full", "val_bits_per_byte",
+                "val_perplexity", "train_bits_per_byte"):
+        assert key in metrics
+    # One key per quantity: no prefixed copies, no counts among the metrics (they are tags).
+    assert not [k for k in metrics if k.startswith(("final.", "eval.", "best_"))] and "tokens" not in metrics
+    assert metrics["val_loss_full"] == pytest.approx(json.loads((project / "reports/eval.json").read_text())["val_loss"])
+    assert run_.data.tags["train.steps"] == "6" and run_.data.tags["eval.val_tokens"] == str(4 * 4 * 32)
     tags = run_.data.tags
     assert tags["git.commit"] == git(project, "rev-parse", "HEAD").strip()
     assert tags["git.dirty"] == "false"
@@ -140,7 +146,7 @@ def test_queued_sweep_runs_in_parallel_and_keeps_every_run(project):
     assert all("`train.lr=" in r.data.tags["mlflow.note.content"] for r in new)
     for r in new:
         assert r.info.status == "FINISHED"
-        assert "eval.val_loss" in r.data.metrics and r.data.tags.get("dvc.exp_name")
+        assert "val_bits_per_byte" in r.data.metrics and r.data.tags.get("dvc.exp_name")
         paths_ = {a.path for a in client(uri).list_artifacts(r.info.run_id)}
         assert "samples.md" in paths_
     assert not list((project / ".dvc/tmp/exps").glob("tmp*"))  # temporary copies are gone
@@ -201,7 +207,7 @@ def test_pipeline_logs_to_a_real_mlflow_server(tmp_path):
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
         (finetune,) = stage_runs(url, "finetune")
         assert finetune.info.status == "FINISHED" and finetune.data.tags["mlflow.parentRunId"] == runs[0].info.run_id
-        assert "eval.val_loss" in runs[0].data.metrics
+        assert "val_bits_per_byte" in runs[0].data.metrics
         # Artifacts went through the server (proxied), into its own destination.
         assert {a.path for a in client(url).list_artifacts(runs[0].info.run_id)} >= {"eval.json"}
         assert any((server_dir / "artifacts").rglob("eval.json"))
