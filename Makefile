@@ -21,7 +21,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 SWEEP ?= -S data=shakespeare-mini -S train.max_steps=200 -S 'train.lr=1e-3,3e-3'
 UI_PORT ?= 5000
 
-.PHONY: help setup test test-fast run params sweep compare ui bench clean distclean
+.PHONY: help setup test test-fast run params sweep compare ui notebooks notebooks-clear bench clean distclean
 
 help:
 	@echo "make setup      create .venv, install torch (CPU) + minigpt[pipeline,dev], cache the tokenizer"
@@ -32,6 +32,7 @@ help:
 	@echo "make sweep      queue a small hyper-parameter sweep and run it 2 at a time"
 	@echo "make compare    the latest sweep's runs: differing params + scores -> reports/compare.{md,png}"
 	@echo "make ui         MLflow UI on the local store at http://127.0.0.1:$(UI_PORT)"
+	@echo "make notebooks  run notebooks/*.ipynb in place (after make run); make notebooks-clear before committing"
 	@echo "make bench      run the benchmarks"
 	@echo "make clean      remove caches and build leftovers (keeps .venv, data, runs)"
 	@echo "make distclean  clean + remove .venv"
@@ -76,6 +77,14 @@ ui: $(STAMP)
 	@$(PY) -m pipeline.run --ui http://127.0.0.1:$(UI_PORT)
 	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (Ctrl-C to stop); open the training-runs URL above"
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
+
+# In place, outputs kept for Jupyter to show; the committed notebooks hold none (a test checks):
+# `make notebooks-clear` strips them again. The kernel is the venv's python (no registered kernel needed).
+notebooks: $(STAMP)
+	$(PY) notebooks/run_notebooks.py
+
+notebooks-clear: $(STAMP)
+	$(PY) notebooks/run_notebooks.py --clear
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench
