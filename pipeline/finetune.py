@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -63,6 +64,15 @@ def check_classes(ft: FinetuneConfig, checkpoint: str) -> None:
                          f"classes {old}, this config has {len(ft.data.classes)} {ft.data.classes}")
 
 
+def val_accuracy(loader: Any, device: torch.device) -> Callable[[torch.nn.Module], dict[str, float]]:
+    """The classifier's accuracy on the validation split, added to each evaluation's record."""
+    def metrics(model: torch.nn.Module) -> dict[str, float]:
+        labels, predicted = predict(model, loader, device)
+        return {"val_accuracy": sum(a == b for a, b in zip(labels, predicted)) / len(labels)}
+
+    return metrics
+
+
 def data_fingerprint() -> str:
     """One hash for the exact examples (token ids, labels) of every split: a resume on other
     data is refused (`train`), and the MLflow tag tells two datasets apart."""
@@ -111,12 +121,7 @@ def main() -> None:
         description += (f", from pretrain run [{pretrain['run_id']}]"
                         f"(#/experiments/{pretrain['experiment_id']}/runs/{pretrain['run_id']})")
 
-    eval_metrics = None
-    if ft.task == "classification":
-        def eval_metrics(m: torch.nn.Module) -> dict[str, float]:
-            labels, predicted = predict(m, val_loader, device)
-            return {"val_accuracy": sum(a == b for a, b in zip(labels, predicted)) / len(labels)}
-
+    eval_metrics = val_accuracy(val_loader, device) if ft.task == "classification" else None
     tracked_training(
         "finetune", OUTPUTS, model, train_cfg, saved, tracking=cfg.tracking,
         params={k: params[k] for k in ("model", "finetune")}, run_info=run_info,

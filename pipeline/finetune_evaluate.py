@@ -26,6 +26,7 @@ from pipeline import paths
 from pipeline.common import load_config, stage_device, stage_main
 from pipeline.finetune import task_loaders, task_model
 from pipeline.run import join_run
+from pipeline.tracking import log_results
 from pipeline.trained import best_checkpoint
 
 

@@ -23,10 +23,11 @@ import torch
 from minigpt.checkpoint import read_checkpoint
 from minigpt.config import TrainConfig
 from minigpt.tasks.batches import create_task_loader
-from minigpt.tasks.classification import ClassificationLoss, SequenceClassifier, collate_classification, predict
+from minigpt.tasks.classification import ClassificationLoss, SequenceClassifier, collate_classification
 from minigpt.tasks.instruction import collate_instructions
 from minigpt.tasks.trainable import set_trainable
 from minigpt.train import LanguageModelLoss, train
+from pipeline.finetune import val_accuracy
 from train_helpers import TEXT, VAL_TEXT, base_config, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -99,11 +100,8 @@ def finetune(task: str, out: Path, model: torch.nn.Module | None = None,
     train_loader, val_loader = (create_task_loader(rows, cfg.micro_batch_size, spec["collate"], train=is_train,
                                                    seed=cfg.seed)
                                 for rows, is_train in ((train_rows, True), (val_rows, False)))
-    eval_metrics = None
-    if task == "classification":
-        def eval_metrics(m: torch.nn.Module) -> dict[str, float]:
-            labels, predicted = predict(m, val_loader, torch.device("cpu"))
-            return {"val_accuracy": sum(a == b for a, b in zip(labels, predicted)) / len(labels)}
+    # The stage's own val-accuracy hook, as the finetune stage passes it.
+    eval_metrics = val_accuracy(val_loader, torch.device("cpu")) if task == "classification" else None
 
     records: list[dict] = []
     train(model, cfg, train_loader, val_loader, out, loss_fn=spec["loss_fn"](), eval_metrics=eval_metrics,
