@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterable, Mapping
@@ -275,7 +276,44 @@ def log_model(model: torch.nn.Module, registered_name: str | None = None) -> Non
     import mlflow.pytorch
 
     mlflow.pytorch.log_model(
-        model, name="model", serialization_format="pickle",
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "minigpt"],
+        model, name="model", serialization_format="pickle", pip_requirements=_model_requirements(),
         registered_model_name=registered_name,
     )
+
+
+def _model_requirements() -> list[str]:
+    return [f"torch=={torch.__version__.split('+')[0]}", "minigpt"]
+
+
+def log_generator(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Log `generator`, a pyfunc that continues text prompts (`pipeline/generator.py`, logged as
+    code): `mlflow models serve -m runs:/<id>/generator` answers `{"dataframe_split":
+    {"columns": ["prompt"], "data": [["ROMEO:"]]}, "params": {...}}` with
+    `{"predictions": ["ROMEO: ..."]}`.
+
+    Its artifact is a checkpoint of `model` (holding `checkpoint`'s weights) with `checkpoint`'s
+    state (config, step, fingerprints) but no optimizer moments: a third of the size, and all
+    that generating needs. MLflow checks the input example by loading the logged model and
+    generating from it; the example asks for a few tokens to keep that quick.
+    """
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    # Imported here, after the training stage took its code fingerprint: the serving code is
+    # not part of what trains, nor of the other stages that import this module (dvc.yaml's
+    # deps, which a test pins to the imports, agree).
+    from minigpt.checkpoint import read_checkpoint_state, save_checkpoint
+    from minigpt.serving import GENERATION_DEFAULTS
+
+    example = pd.DataFrame({"prompt": ["ROMEO:"]})
+    with tempfile.TemporaryDirectory(prefix="generator-") as tmp:
+        weights = Path(tmp) / checkpoint.name
+        save_checkpoint(weights, model, None, read_checkpoint_state(checkpoint))
+        mlflow.pyfunc.log_model(
+            name="generator", python_model=Path(__file__).with_name("generator.py"),
+            artifacts={"checkpoint": str(weights)},
+            signature=infer_signature(example, ["ROMEO: ..."], params=GENERATION_DEFAULTS),
+            input_example=(example, {**GENERATION_DEFAULTS, "max_new_tokens": 8}),
+            pip_requirements=_model_requirements(),
+        )

@@ -28,12 +28,13 @@ from mlflow.tracking import MlflowClient
 from minigpt.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_state, remove_partial_checkpoints
 from minigpt.config import TrackingConfig, TrainConfig
 from minigpt.io import atomic_path, sha256_bytes, write_json_atomic, write_text_atomic
+from minigpt.model import GPTModel
 from minigpt.train import (DistContext, LossFn, Record, ResumableLoader, TrainState, init_distributed, stop_reason,
                            train)
 from pipeline import paths
 from pipeline.common import project_modules, stage_device
 from pipeline.run import connect, describe, start_run
-from pipeline.tracking import MetricLogger, log_model, log_results, run_status
+from pipeline.tracking import MetricLogger, log_generator, log_model, log_results, run_status
 
 BUDGET_KEYS = ("max_steps", "max_tokens", "max_time")
 
@@ -223,6 +224,8 @@ def tracked_training(
         if tracking.log_model:
             load_checkpoint(best, model)
             log_model(model.cpu(), tracking.register_model)
+            if isinstance(model, GPTModel):  # text in, text out; a classifier (finetune) is not
+                log_generator(model, best)
         write_json_atomic(outputs.run_file, describe(active.info.run_id, active.info.experiment_id))
     print(f"{stage}: {metrics['steps']} steps, best val loss {metrics['best_val_loss']:.3f}, "
           f"{metrics['tokens_per_s']:,.0f} tokens/s in {time.time() - started:.0f} s, "

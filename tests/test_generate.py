@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from minigpt.config import ModelConfig
-from minigpt.generate import filter_logits, generate
+from minigpt.generate import filter_logits, generate, stream_tokens
 from minigpt.model import GPTModel
 
 CFG = ModelConfig(vocab_size=61, context_length=24, emb_dim=32, n_heads=4, n_layers=2)
@@ -110,3 +110,30 @@ def test_generate_restores_training_mode(model):
     model.train()
     generate(model, torch.zeros(1, 2, dtype=torch.long), 2)
     assert model.training
+
+
+@pytest.mark.parametrize("kw", [{}, dict(temperature=0.9, top_k=20, top_p=0.95)], ids=["greedy", "seeded sample"])
+def test_stream_tokens_yields_what_generate_appends(model, kw):
+    idx = torch.randint(0, 61, (1, 5))
+    whole = generate(model, idx, 40, generator=torch.Generator().manual_seed(3), **kw)  # slides past context
+    streamed = list(stream_tokens(model, idx, 40, generator=torch.Generator().manual_seed(3), **kw))
+    assert streamed == whole[0, 5:].tolist()
+
+
+def test_stream_tokens_ends_with_eos_and_restores_training_mode(model):
+    idx = torch.randint(0, 61, (1, 5))
+    eos = int(generate(model, idx, 3)[0, -1])
+    model.train()
+    tokens = stream_tokens(model, idx, 50, eos_id=eos)
+    first = next(tokens)
+    assert not model.training  # decoding in eval mode
+    streamed = [first, *tokens]
+    assert model.training and streamed[-1] == eos and len(streamed) <= 3
+    assert streamed == generate(model, idx, 50, eos_id=eos)[0, 5:].tolist()
+
+
+def test_stream_tokens_checks_its_input_at_the_call(model):
+    with pytest.raises(ValueError, match="one sequence"):
+        stream_tokens(model, torch.zeros(2, 3, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        stream_tokens(model, torch.zeros(1, 3, dtype=torch.long), -1)

@@ -1,6 +1,9 @@
-"""Autoregressive sampling: greedy, temperature, top-k, top-p, per-sequence EOS, KV cache."""
+"""Autoregressive sampling: greedy, temperature, top-k, top-p, per-sequence EOS, KV cache;
+all at once (`generate`) or token by token as they come (`stream_tokens`)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
@@ -70,7 +73,6 @@ class _Decoder:
         return hidden[:, -1] @ self.head_weight  # (batch, vocab_size)
 
 
-@torch.no_grad()
 def generate(
     model: GPTModel,
     idx: torch.Tensor,
@@ -88,10 +90,53 @@ def generate(
     temperature 0 is greedy. A sequence that emits `eos_id` stops there: its later
     positions are padded with `eos_id`, and decoding ends when every sequence has stopped.
     """
+    _check_request(idx, max_new_tokens)
+    steps = _decode(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    eos_id=eos_id, use_cache=use_cache, generator=generator)
+    return torch.cat([idx, *steps], dim=1)  # (batch, seq + n)
+
+
+def stream_tokens(
+    model: GPTModel,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> Iterator[int]:
+    """The new token ids of one sequence `(1, seq)`, each as soon as it is chosen: the same
+    tokens `generate` appends, from the same arguments (and generator state).
+
+    The shape is checked now, the sampling arguments at the first token. The model is in
+    eval mode until the iterator is exhausted or closed (leaving a `for` loop closes it).
+    """
+    _check_request(idx, max_new_tokens)
+    if idx.shape[0] != 1:
+        raise ValueError(f"stream_tokens decodes one sequence, got a batch of {idx.shape[0]}; use generate")
+    steps = _decode(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    eos_id=eos_id, use_cache=use_cache, generator=generator)
+    return (int(token) for token in steps)
+
+
+def _check_request(idx: torch.Tensor, max_new_tokens: int) -> None:
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(f"idx must be a non-empty (batch, seq) tensor of token ids, got shape {tuple(idx.shape)}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+
+# no_grad on a generator function holds on every resumption, not only while it is created.
+@torch.no_grad()
+def _decode(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, *, temperature: float,
+            top_k: int | None, top_p: float | None, eos_id: int | None, use_cache: bool,
+            generator: torch.Generator | None) -> Iterator[torch.Tensor]:
+    """The sampling loop that `generate` and `stream_tokens` share: yields each step's
+    tokens `(batch, 1)`, then stops after `max_new_tokens` or once every sequence has
+    emitted `eos_id` (a sequence that stopped is padded with `eos_id`)."""
     with eval_mode(model):
         decoder = _Decoder(model, idx.shape[0], use_cache)
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)  # (batch,)
@@ -102,8 +147,8 @@ def generate(
             if eos_id is not None:
                 token = token.masked_fill(finished[:, None], eos_id)
                 finished |= token[:, 0] == eos_id
+            yield token
             idx = torch.cat([idx, token], dim=1)  # (batch, seq + 1)
             n_new = 1
             if eos_id is not None and bool(finished.all()):
                 break
-        return idx

@@ -1,0 +1,197 @@
+"""The `minigpt` console script: continue a prompt with a trained model, or describe a checkpoint.
+
+    minigpt generate --model checkpoints/best.safetensors "ROMEO:"
+    minigpt generate --model runs:/<run id>/checkpoint "ROMEO:" --temperature 0.8 --seed 1
+    minigpt generate --model models:/<name>/<version> "ROMEO:"
+    minigpt info checkpoints/best.safetensors
+
+A model is always a minigpt checkpoint (safetensors: nothing pickled is ever loaded), its
+architecture read from the config it holds. An MLflow URI names the checkpoint a run logged:
+`runs:/<id>/<path>` is downloaded (`checkpoint`, or the `generator` model, which carries the
+same weights); `models:/<name>/<version>` stands for the `checkpoint` of the run that logged
+that version. MLflow is imported for those URIs only, from MLFLOW_TRACKING_URI or ./mlflow.db.
+`generate` prints the prompt, then its continuation as it comes, as the `generator` model
+answers (the same text for the same checkpoint, prompt and settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+import yaml
+
+from minigpt.checkpoint import read_checkpoint_state
+from minigpt.serving import GENERATION_DEFAULTS, load_language_model, stream_text
+from minigpt.utils import pick_device
+
+_URI_SCHEMES = ("runs:/", "models:/")
+_SETTING_HELP = {
+    "max_new_tokens": "generate at most this many tokens (it stops earlier at <|endoftext|>)",
+    "temperature": "0 is greedy; higher samples more freely",
+    "top_k": "sample among the k likeliest tokens only (0: all)",
+    "top_p": "sample from the smallest set of tokens whose probability reaches p (1: all)",
+    "seed": "seed of the sampler: the same seed and settings give the same text",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minigpt", description="Generate text with a trained minigpt model.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="continue a prompt, printing the text as it comes")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", required=True, metavar="CHECKPOINT|URI",
+                     help="a checkpoint file, runs:/<run id>/<path> or models:/<name>/<version>")
+    for key, default in GENERATION_DEFAULTS.items():
+        gen.add_argument(f"--{key.replace('_', '-')}", type=type(default), default=default,
+                         help=f"{_SETTING_HELP[key]} (default {default})")
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    info = commands.add_parser("info", help="what a checkpoint holds: config, step, losses, fingerprints")
+    info.add_argument("model", metavar="CHECKPOINT|URI")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with local_checkpoint(args.model) as path:
+            if args.command == "info":
+                print(describe(path, args.model))
+                return 0
+            model, _ = load_language_model(path, pick_device(args.device))
+        settings = {key: getattr(args, key) for key in GENERATION_DEFAULTS}
+        print_stream(args.prompt, stream_text(model, args.prompt, **settings), sys.stdout)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, like a command killed by SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 141
+    except (ValueError, OSError) as err:  # CheckpointError and the tokenizer's DataError are ValueErrors
+        print(f"minigpt: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+def print_stream(prompt: str, pieces: Iterator[str], out: TextIO) -> None:
+    """The prompt, then each piece of its continuation the moment it comes."""
+    first = next(pieces, "")  # a bad setting raises here, before anything is printed
+    out.write(prompt + first)
+    out.flush()
+    for piece in pieces:
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+
+
+# --------------------------------------------------------------------------- where the checkpoint is
+@contextlib.contextmanager
+def local_checkpoint(source: str) -> Iterator[Path]:
+    """A checkpoint file for `source`: the path as given, or an MLflow URI's checkpoint
+    downloaded into a temporary folder that is removed afterwards."""
+    if not source.startswith(_URI_SCHEMES):
+        if not Path(source).is_file():
+            raise ValueError(f"{source}: no such file (a checkpoint, runs:/<run id>/<path> or models:/<name>/<version>)")
+        yield Path(source)
+        return
+    with tempfile.TemporaryDirectory(prefix="minigpt-") as tmp:
+        yield download_checkpoint(source, Path(tmp))
+
+
+def download_checkpoint(uri: str, dest: Path) -> Path:
+    """The one `.safetensors` file that the artifact `uri` names or holds, downloaded into `dest`."""
+    scheme, first, second = _parse_uri(uri)
+    import mlflow  # here, not at the top: the library works without MLflow; only URIs need it
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    tracking_uri = _tracking_uri()
+    if not sys.stderr.isatty():  # a log or a pipe keeps every frame of MLflow's download progress bars
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        artifact_uri = uri
+        if scheme == "models":
+            run_id = MlflowClient(tracking_uri).get_model_version(first, second).run_id
+            if not run_id:
+                raise ValueError(f"{uri}: this version was not logged by a run, so it has no minigpt checkpoint")
+            artifact_uri = f"runs:/{run_id}/checkpoint"
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dest),
+                                                          tracking_uri=tracking_uri))
+    except MlflowException as err:
+        raise ValueError(f"{uri}: {str(err).splitlines()[0]}") from None
+    found = [local] if local.is_file() else sorted(local.rglob("*.safetensors"))
+    if not found:
+        raise ValueError(f"{uri}: holds no minigpt checkpoint (.safetensors); a pickled model is never loaded: "
+                         f"use runs:/<run id>/checkpoint or runs:/<run id>/generator")
+    if len(found) > 1:
+        names = ", ".join(p.relative_to(local).as_posix() for p in found)
+        raise ValueError(f"{uri}: holds several checkpoints ({names}); name one in the URI")
+    return found[0]
+
+
+def _parse_uri(uri: str) -> tuple[str, str, str]:
+    """("runs", run id, artifact path) or ("models", name, version); a ValueError if malformed."""
+    scheme, _, rest = uri.partition(":/")
+    first, _, second = rest.partition("/")
+    if scheme == "models" and not (first and second.isdigit()):
+        raise ValueError(f"{uri}: expected models:/<name>/<version>, the version a number")
+    if scheme == "runs" and not (first and second.strip("/")):
+        raise ValueError(f"{uri}: expected runs:/<run id>/<artifact path>, e.g. runs:/<run id>/checkpoint")
+    return scheme, first, second
+
+
+def _tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else the project's store ./mlflow.db (MLflow's default too), which
+    must exist: MLflow would create an empty one and then report every run as not found."""
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        return uri
+    store = Path("mlflow.db")
+    if not store.is_file():
+        raise ValueError("no MLflow store here (./mlflow.db): run from the project's root or set MLFLOW_TRACKING_URI")
+    return f"sqlite:///{store.resolve()}"
+
+
+# --------------------------------------------------------------------------- info
+def describe(path: Path, source: str) -> str:
+    """What `minigpt info` prints: the checkpoint's summary, then its whole run config."""
+    state = read_checkpoint_state(path)
+    info = state.get("run_info") or {}
+    config = info.get("config") or {}
+    finetune = config.get("finetune")
+    model = info.get("model_config") or config.get("model") or {}
+    rows = {
+        "checkpoint": source,
+        "stage": f"finetune ({finetune.get('task')})" if finetune else "pretrain",
+        "step": state.get("step"),
+        "tokens seen": state.get("tokens_seen"),
+        "best val loss": _number(state.get("best_val_loss")),
+        "last val loss": _number(state.get("last_val_loss")),
+        "model": " ".join(f"{k}={v}" for k, v in model.items()),
+        "data sha256": info.get("data_sha256"),
+        "code sha256": info.get("code_sha256"),
+        "tokenizer sha256": info.get("tokenizer_sha256"),
+        "init sha256": info.get("init_sha256"),
+        "mlflow run": info.get("mlflow_run_id"),
+    }
+    width = max(map(len, rows))
+    lines = [f"{key + ':':<{width + 1}} {value}" for key, value in rows.items() if value not in (None, "")]
+    if config:
+        lines += ["config:", textwrap.indent(yaml.safe_dump(config, sort_keys=False), "  ").rstrip()]
+    return "\n".join(lines)
+
+
+def _number(value: float | None) -> str | None:
+    """A loss to 4 decimals; None for one never measured (no evaluation yet: inf)."""
+    return None if value is None or math.isinf(value) else f"{value:.4f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Text in, text out: a trained model loaded from its checkpoint alone, and prompts continued
+as text that streams.
+
+The console script (`minigpt.cli`) and the MLflow model that the pipeline logs
+(`pipeline/generator.py`) share these, so the same checkpoint, prompt and settings give the
+same text in both.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from minigpt.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_state
+from minigpt.config import ModelConfig, format_validation_error
+from minigpt.generate import stream_tokens
+from minigpt.model import GPTModel
+from minigpt.tokenizer import EOT_ID, get_tokenizer
+
+#: Generation settings and their defaults, for the CLI's options and the pyfunc's params
+#: (whose schema needs a typed default for each, hence 0 and 1.0 for "off", not None):
+#: greedy, and with a temperature, sampled from a generator seeded with `seed`.
+GENERATION_DEFAULTS: dict[str, int | float] = {
+    "max_new_tokens": 64,
+    "temperature": 0.0,
+    "top_k": 0,  # 0: no top-k filtering
+    "top_p": 1.0,  # 1.0: no nucleus filtering
+    "seed": 0,
+}
+
+
+def model_config_of(state: dict[str, Any], path: str | Path) -> ModelConfig:
+    """The model a checkpoint's saved `state` holds, from its run_info: `model_config` (a
+    finetune's backbone) or `config.model` (pretraining). A classifier is refused: its head
+    predicts classes, not the next token."""
+    info = state.get("run_info") or {}
+    config = info.get("config") or {}
+    task = (config.get("finetune") or {}).get("task")
+    if task == "classification":
+        raise CheckpointError(f"checkpoint {path}: a classifier (finetune.task=classification) "
+                              f"predicts classes, not text; generate needs a pretrain or instruction checkpoint")
+    raw = info.get("model_config") or config.get("model")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"checkpoint {path}: holds no model config "
+                              f"(run_info.config.model or run_info.model_config)")
+    try:
+        return ModelConfig(**raw)
+    except ValidationError as err:
+        raise CheckpointError(f"checkpoint {path}: {format_validation_error(err, 'model')}") from None
+
+
+def load_language_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GPTModel, dict[str, Any]]:
+    """The `GPTModel` of a checkpoint file, built from the config it holds, verified and in
+    eval mode on `device`; and the checkpoint's saved state. A `CheckpointError` says why not."""
+    state = read_checkpoint_state(path)
+    model = GPTModel(model_config_of(state, path))
+    load_checkpoint(path, model)  # reads the whole file and checks its sha256
+    return model.to(device).eval(), state
+
+
+def stream_text(model: GPTModel, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int,
+                top_p: float, seed: int) -> Iterator[str]:
+    """The continuation of `prompt` (not the prompt itself), piece by piece as tokens come.
+
+    Tokens are decoded incrementally: a character whose UTF-8 bytes span two tokens comes
+    out whole with the second (an invalid sequence becomes U+FFFD, as `enc.decode` does).
+    Generation ends at `<|endoftext|>` (not part of the text) or after `max_new_tokens`.
+    An empty prompt starts a new document. Settings as in `GENERATION_DEFAULTS`; a bad one
+    raises ValueError at the first `next()`.
+    """
+    enc = get_tokenizer()
+    device = next(model.parameters()).device
+    idx = torch.tensor([enc.encode_ordinary(prompt) or [EOT_ID]], device=device)  # (1, seq)
+    tokens = stream_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                           top_p=None if top_p == 1.0 else top_p,
+                           generator=torch.Generator(device=device).manual_seed(seed))
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in tokens:
+        if token == EOT_ID:
+            break
+        if piece := utf8.decode(enc.decode_single_token_bytes(token)):
+            yield piece
+    if tail := utf8.decode(b"", final=True):
+        yield tail
