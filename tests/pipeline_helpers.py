@@ -84,3 +84,32 @@ def stage_runs(uri: str, stage: str) -> list:
 
 def ran_stages(output: str) -> list[str]:
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+
+
+def free_port() -> int:
+    """A free TCP port on loopback, for a server a test starts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, server: subprocess.Popen, *, log: Path | None = None, timeout: float = 120) -> float:
+    """Poll `url` until it answers 200 (seconds it took); fail, with the tail of the server's
+    `log`, when the server exits or `timeout` seconds pass first."""
+    import time
+    import urllib.request
+
+    started = time.time()
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return time.time() - started
+        except OSError:
+            pass
+        if server.poll() is not None or time.time() - started > timeout:
+            tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+            raise AssertionError(f"{' '.join(map(str, server.args))} did not answer {url}:\n{tail}")
+        time.sleep(0.5)
