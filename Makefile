@@ -21,7 +21,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 SWEEP ?= -S data=shakespeare-mini -S train.max_steps=200 -S 'train.lr=1e-3,3e-3'
 UI_PORT ?= 5000
 
-.PHONY: help setup test test-fast run params sweep compare ui notebooks notebooks-clear bench clean distclean
+.PHONY: help setup test test-fast run params sweep compare ui notebooks notebooks-clear bench bench-quick clean distclean
 
 help:
 	@echo "make setup      create .venv, install torch (CPU) + minigpt[pipeline,dev], cache the tokenizer"
@@ -33,7 +33,8 @@ help:
 	@echo "make compare    the latest sweep's runs: differing params + scores -> reports/compare.{md,png}"
 	@echo "make ui         MLflow UI on the local store at http://127.0.0.1:$(UI_PORT)"
 	@echo "make notebooks  run notebooks/*.ipynb in place (after make run); make notebooks-clear before committing"
-	@echo "make bench      run the benchmarks"
+	@echo "make bench      run the benchmarks (~15 min) -> reports/bench.json"
+	@echo "make bench-quick  a ~3-minute smoke of them -> reports/bench-quick.json"
 	@echo "make clean      remove caches and build leftovers (keeps .venv, data, runs)"
 	@echo "make distclean  clean + remove .venv"
 
@@ -88,6 +89,9 @@ notebooks-clear: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench
+
+bench-quick: $(STAMP)
+	$(PY) -m benchmarks.bench --quick --out reports/bench-quick.json
 
 clean:
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +

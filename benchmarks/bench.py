@@ -123,25 +123,31 @@ def model_matmul_shapes(model: GPTModel, tokens: int) -> dict[str, tuple[int, in
     }
 
 
-def bench_hw(quick: bool) -> dict[str, Any]:
+def spread(values: list[float], digits: int = 1) -> list[float]:
+    """[min, median, max]: how much a timing moved between repetitions (a busy machine shows)."""
+    return [round(min(values), digits), round(statistics.median(values), digits), round(max(values), digits)]
+
+
+def bench_hw(quick: bool, repeats: int | None = None) -> dict[str, Any]:
     """Matmul FLOP/s in fp32 and bf16: the best over square sizes and the model's own shapes.
 
-    The best (not an average) is the yardstick, so MFU says how close training comes to
-    what this machine's matmul kernels can do at all.
+    A peak is a maximum: the best repetition of the best shape, never a median (a median
+    taken while something else ran gave 200 GFLOP/s on a 425 GFLOP/s machine, and an MFU
+    of 1.5 against it). Each shape's [min, median, max] is kept to show the noise.
     """
     model = GPTModel.from_preset(PRESET)
     shapes = {"square1024": (1024, 1024, 1024), "square2048": (2048, 2048, 2048),
               **model_matmul_shapes(model, BATCH * CONTEXT)}
-    seconds, repeats = (0.2, 3) if quick else (0.4, 5)
+    seconds = 0.2 if quick else 0.4
+    repeats = repeats or (3 if quick else 5)
     out: dict[str, Any] = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        per_shape = {}
-        for shape_name, shape in shapes.items():
-            runs = [matmul_flops_per_s.__wrapped__(dtype, CPU, seconds=seconds, shape=shape)
-                    for _ in range(repeats)]
-            per_shape[shape_name] = round(statistics.median(runs) / 1e9, 1)
-        out[f"hw.{name}_matmul_gflops"] = max(per_shape.values())
-        out[f"hw.{name}_matmul_gflops_by_shape"] = per_shape
+        runs = {shape_name: [matmul_flops_per_s.__wrapped__(dtype, CPU, seconds=seconds, shape=shape) / 1e9
+                             for _ in range(repeats)]
+                for shape_name, shape in shapes.items()}
+        out[f"hw.{name}_matmul_gflops"] = round(max(max(r) for r in runs.values()), 1)
+        out[f"hw.{name}_matmul_gflops_by_shape"] = {s: round(max(r), 1) for s, r in runs.items()}
+        out[f"hw.{name}_matmul_gflops_spread"] = {s: spread(r) for s, r in runs.items()}
     return out
 
 
@@ -241,7 +247,8 @@ def measure_train_steps(candidates: list[dict[str, Any]], rounds: int, warmup: i
     return [
         {"settings": settings, "name": settings_name(settings),
          "tokens_per_s": round(tokens / statistics.median(t), 1),
-         "best_of_tokens_per_s": round(tokens / min(t), 1)}
+         "best_of_tokens_per_s": round(tokens / min(t), 1),
+         "tokens_per_s_spread": spread([tokens / seconds for seconds in t])}
         for settings, t in zip(candidates, times)
     ]
 
@@ -328,8 +335,19 @@ def bench_train(quick: bool, hw: dict[str, Any], log: Callable[[str], None] = pr
     flops_token = flops_per_token(model, CONTEXT)
     peaks = {p: hw.get(f"hw.{p}_matmul_gflops") or matmul_flops_per_s(
         torch.float32 if p == "fp32" else torch.bfloat16, CPU, size=2048) / 1e9 for p in ("fp32", "bf16")}
-    for r in results:
-        r["mfu"] = round(r["tokens_per_s"] * flops_token / (peaks[r["settings"]["precision"]] * 1e9), 3)
+    for attempt in range(2):
+        for r in results:
+            r["mfu"] = round(r["tokens_per_s"] * flops_token / (peaks[r["settings"]["precision"]] * 1e9), 3)
+        if max(r["mfu"] for r in results) <= 1.0:
+            break
+        # More than the machine can do: the peak was measured while it was busy. Measure again.
+        log(f"  MFU {max(r['mfu'] for r in results)} > 1: the matmul peak was measured on a busy machine; "
+            f"re-measuring it")
+        remeasured = bench_hw(quick, repeats=8)
+        peaks = {p: max(peaks[p], remeasured[f"hw.{p}_matmul_gflops"]) for p in peaks}
+    else:
+        raise RuntimeError(f"MFU {max(r['mfu'] for r in results)} > 1 even against a re-measured peak "
+                           f"({peaks} GFLOP/s): the machine is too busy to benchmark; run `make bench` again")
     default = results[0]
     best = max(results, key=lambda r: r["tokens_per_s"])
     best_of = {p: max((r for r in results if r["settings"]["precision"] == p), key=lambda r: r["tokens_per_s"])
@@ -357,7 +375,8 @@ def bench_train(quick: bool, hw: dict[str, Any], log: Callable[[str], None] = pr
         "train.mfu_bf16": best_of["bf16"]["mfu"],
         "train.mfu_fp32": best_of["fp32"]["mfu"],
         "train.flops_per_token": flops_token,
-        "train.settings": {r["name"]: {k: r[k] for k in ("tokens_per_s", "best_of_tokens_per_s", "mfu")}
+        "train.settings": {r["name"]: {k: r[k] for k in ("tokens_per_s", "best_of_tokens_per_s", "tokens_per_s_spread",
+                                                         "mfu")}
                            for r in results},
         "train.bf16_loss_rel_diff": round(max(best_diff), 5),
         "train.bf16_loss_mean_rel_diff": round(statistics.mean(best_diff), 5),

@@ -7,29 +7,16 @@ Each test works in a temporary git clone of this checkout, with the smoke preset
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline_helpers import (
-    SMOKE,
-    STAGES,
-    all_runs,
-    client,
-    clone_checkout,
-    compose_smoke,
-    env_for,
-    git,
-    ran_stages,
-    run,
-    stage_runs,
-)
+from pipeline_helpers import (SMOKE, STAGES, all_runs, client, clone_checkout, compose_smoke, env_for, free_port, git,
+                              ran_stages, run, stage_runs, wait_until_up)
 
 pytestmark = pytest.mark.slow
 
@@ -171,12 +158,6 @@ def test_bad_param_fails_the_stage_and_no_run_succeeds(project, override, messag
     git(project, "checkout", "--", "params.yaml")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_pipeline_logs_to_a_real_mlflow_server(tmp_path):
     repo = clone_checkout(tmp_path / "clone")
     compose_smoke(repo)
@@ -191,16 +172,7 @@ def test_pipeline_logs_to_a_real_mlflow_server(tmp_path):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise AssertionError("mlflow server did not come up") from None
-                time.sleep(1)
+        wait_until_up(f"{url}/health", server, timeout=90)
         run(repo, "dvc", "repro", MLFLOW_TRACKING_URI=url)
         assert not (repo / "mlflow.db").exists()  # nothing went to the local store
         runs = stage_runs(url, "pretrain")

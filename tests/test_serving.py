@@ -9,10 +9,8 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from minigpt.serving import GENERATION_DEFAULTS, load_language_model, stream_text
-from pipeline_helpers import clone_checkout, compose_smoke, env_for, run
+from pipeline_helpers import clone_checkout, compose_smoke, env_for, free_port, run, wait_until_up
 
 pytestmark = pytest.mark.slow
 
@@ -65,12 +63,6 @@ def test_the_logged_generator_predicts_the_library_s_text(project, expected):
     assert {p["name"]: p["default"] for p in schema} == GENERATION_DEFAULTS
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post(url: str, body: dict) -> tuple[int, dict]:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
@@ -84,7 +76,6 @@ def test_mlflow_models_serve_answers_with_the_same_text(project, expected, tmp_p
     repo, run_id = project
     port = free_port()
     log = (tmp_path / "serve.log").open("w")
-    started = time.time()
     server = subprocess.Popen(
         [str(BIN / "mlflow"), "models", "serve", "-m", f"runs:/{run_id}/generator", "--env-manager", "local",
          "--host", "127.0.0.1", "--port", str(port)],
@@ -93,17 +84,8 @@ def test_mlflow_models_serve_answers_with_the_same_text(project, expected, tmp_p
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                if time.time() - started > 90 or server.poll() is not None:
-                    raise AssertionError(f"mlflow models serve did not come up:\n"
-                                         f"{(tmp_path / 'serve.log').read_text()[-3000:]}") from None
-                time.sleep(1)
-        print(f"mlflow models serve answered /ping after {time.time() - started:.1f} s")
+        waited = wait_until_up(f"{url}/ping", server, log=tmp_path / "serve.log", timeout=90)
+        print(f"mlflow models serve answered /ping after {waited:.1f} s")
         split = {"dataframe_split": {"columns": ["prompt"], "data": [[p] for p in PROMPTS]}, "params": SETTINGS}
         assert post(f"{url}/invocations", split) == (200, {"predictions": expected})
         records = {"dataframe_records": [{"prompt": PROMPTS[0]}], "params": SETTINGS}
