@@ -61,3 +61,21 @@ def test_cache_overflow_is_an_error():
     cache = KVCache(1, 1, 2, 4, torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="overflow"):
         cache.append(torch.zeros(1, 1, 3, 4), torch.zeros(1, 1, 3, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_attention_matches_the_sdpa_kernel(dtype):
+    """On CPU the training/prefill path is written out (faster there); values and gradients
+    must be those of PyTorch's fused causal kernel."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(BATCH, N_HEADS, MAX_LENGTH, EMB_DIM // N_HEADS, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    mha = MultiHeadAttention(EMB_DIM, EMB_DIM, 0.0, N_HEADS)
+    ours = mha._causal_attention_cpu(q, k, v)
+    ours_grads = torch.autograd.grad(ours.float().square().sum(), (q, k, v))
+    kernel = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    kernel_grads = torch.autograd.grad(kernel.float().square().sum(), (q, k, v))
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(ours, kernel, **tol)
+    for a, b in zip(ours_grads, kernel_grads):
+        torch.testing.assert_close(a, b, **tol)

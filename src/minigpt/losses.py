@@ -9,8 +9,14 @@ computes each chunk's gradients right away in the forward pass. Peak memory is o
 
 from __future__ import annotations
 
+import functools
+import warnings
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+from minigpt.utils import compiled
 
 
 def _compute_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
@@ -18,6 +24,51 @@ def _compute_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return default
+
+
+def loss_and_logit_grad(logits: torch.Tensor, targets: torch.Tensor,
+                        row_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed CE of one chunk of `logits (chunk, vocab)` and its gradient, scaled per row.
+
+    d(CE)/d logits = softmax - one_hot; `row_scale (chunk,)` is 1/n_kept on kept rows
+    and 0 on ignored ones (whose loss is left out too). Written as whole-tensor
+    expressions so that a compiler fuses them into two passes over the logits (row
+    max/sum, then the gradient written in the logits' dtype); eager PyTorch makes six.
+    """
+    x = logits.float()  # (chunk, vocab)
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)  # (chunk, 1)
+    picked = x.gather(1, targets[:, None])  # (chunk, 1)
+    loss = ((lse - picked).squeeze(1) * (row_scale != 0)).sum()
+    vocab_ids = torch.arange(x.shape[1], device=x.device)  # (vocab,)
+    one_hot = (vocab_ids == targets[:, None]).float()  # (chunk, vocab), never materialised when fused
+    grad = (torch.exp(x - lse) - one_hot) * row_scale[:, None]  # (chunk, vocab)
+    return loss, grad.to(logits.dtype)
+
+
+@functools.cache
+def _fused_loss_and_logit_grad(device_type: str) -> Callable:
+    """`loss_and_logit_grad` compiled into fused kernels, on CPU.
+
+    On 2 cores, 1,024 rows of bf16 logits take 19 ms fused and 48 ms as the eager
+    in-place sequence (float, log_softmax, gather, exp_, index, mul_, to bf16): a
+    gpt2-tiny step goes from ~6,300 to ~7,600 tokens/s. Elsewhere (CUDA, or no C++
+    compiler for inductor) the plain function runs: not measured there, so not assumed.
+    """
+    if device_type != "cpu":
+        return loss_and_logit_grad
+    fused = compiled(loss_and_logit_grad, dynamic=False)
+
+    def run(logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor):
+        nonlocal fused
+        try:
+            return fused(logits, targets, row_scale)
+        except Exception as exc:  # inductor needs a working C++ toolchain
+            warnings.warn(f"fused cross-entropy unavailable ({type(exc).__name__}: {exc}); "
+                          f"using the unfused one, ~2x slower in the loss", stacklevel=2)
+            fused = loss_and_logit_grad
+            return fused(logits, targets, row_scale)
+
+    return run
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -37,19 +88,17 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        row_scale = keep / n_kept  # (tokens,) the mean's weights: 0 on ignored rows
+        # Inside a compiled model the compiler fuses the plain function itself.
+        loss_and_grad = (loss_and_logit_grad if torch.compiler.is_compiling()
+                         else _fused_loss_and_logit_grad(hidden.device.type))
         for start in range(0, n_tokens, chunk_size):
             h = hidden[start:start + chunk_size].to(dtype)  # (chunk, emb)
-            k = keep[start:start + chunk_size]  # (chunk,)
-            t = targets[start:start + chunk_size].masked_fill(~k, 0)  # (chunk,) any valid index
-            logits = (h @ w.t()).float()  # (chunk, vocab)
-            log_probs = torch.log_softmax(logits, dim=-1)
-            total -= (log_probs.gather(1, t[:, None]).squeeze(1) * k).sum()
-            # d(mean CE)/d logits = (softmax - one_hot) / n_kept on kept rows, 0 on ignored
-            # ones: one row scale does both, reusing the logits buffer.
-            grad_logits = log_probs.exp_()
-            grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-            grad_logits = grad_logits.mul_((k / n_kept)[:, None]).to(dtype)  # (chunk, vocab)
-            grad_hidden[start:start + chunk_size] = grad_logits @ w  # (chunk, emb)
+            rows = slice(start, start + chunk_size)
+            t = targets[rows].masked_fill(~keep[rows], 0)  # (chunk,) any valid index
+            chunk_loss, grad_logits = loss_and_grad(h @ w.t(), t, row_scale[rows])  # (), (chunk, vocab)
+            total += chunk_loss
+            grad_hidden[rows] = grad_logits @ w  # (chunk, emb)
             grad_weight += (grad_logits.t() @ h).float()  # (vocab, emb)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total / n_kept

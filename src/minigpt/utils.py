@@ -7,12 +7,24 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 import random
 import sys
 from collections.abc import Iterator
 
 import numpy as np
 import torch
+
+
+def compiled(fn, **options):
+    """`torch.compile(fn)` with inductor's cache under minigpt's cache directory
+    (`~/.cache/minigpt/torchinductor` unless TORCHINDUCTOR_CACHE_DIR is set), which
+    survives reboots unlike inductor's default in /tmp: a gpt2-tiny training step
+    compiles in ~15 s the first time and ~4 s from that cache."""
+    from minigpt.fetch import cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "torchinductor"))
+    return torch.compile(fn, **options)
 
 
 def seed_everything(seed: int) -> None:
