@@ -20,8 +20,10 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 SWEEP ?= -S data=shakespeare-mini -S train.max_steps=200 -S 'train.lr=1e-3,3e-3'
 UI_PORT ?= 5000
+# One experiment per line of -S overrides; see the file's header.
+RECIPE_SWEEP ?= conf/sweeps/recipe.txt
 
-.PHONY: help setup test test-fast run params sweep compare ui notebooks notebooks-clear bench bench-quick clean distclean
+.PHONY: help setup test test-fast run params sweep sweep-recipe compare ui notebooks notebooks-clear bench bench-quick clean distclean
 
 help:
 	@echo "make setup      create .venv, install torch (CPU) + minigpt[pipeline,dev], cache the tokenizer"
@@ -30,6 +32,7 @@ help:
 	@echo "make run        run the pipeline (dvc repro) on the default corpus"
 	@echo "make params     compose conf/ into params.yaml (what dvc exp run does)"
 	@echo "make sweep      queue a small hyper-parameter sweep and run it 2 at a time"
+	@echo "make sweep-recipe  the sweep that chose make run's recipe, one run at a time (hours)"
 	@echo "make compare    the latest sweep's runs: differing params + scores -> reports/compare.{md,png}"
 	@echo "make ui         MLflow UI on the local store at http://127.0.0.1:$(UI_PORT)"
 	@echo "make notebooks  run notebooks/*.ipynb in place (after make run); make notebooks-clear before committing"
@@ -69,6 +72,17 @@ sweep: $(STAMP)
 	@while dvc queue status | grep -qE 'Queued|Running'; do sleep 10; done
 	dvc queue status
 	dvc exp show --no-pager --only-changed --drop '.*/.*|checkpoints.*|datasets'  # params and metrics, no dep hashes
+
+# Each line is one experiment (pretrain, evaluate and sample), run one at a time: the
+# candidates are compared at equal wall-clock, which two parallel runs would blur.
+sweep-recipe: $(STAMP)
+	$(PY) -m pipeline.run
+	grep -Ev '^[[:space:]]*(#|$$)' $(RECIPE_SWEEP) | while read -r overrides; do \
+	  dvc exp run --queue evaluate sample $$overrides || exit 1; done
+	MINIGPT_SWEEP=recipe-$$(date +%Y%m%d-%H%M%S) dvc queue start -j 1
+	@while dvc queue status | grep -qE 'Queued|Running'; do sleep 30; done
+	dvc queue status
+	$(PY) -m pipeline.compare
 
 # COMPARE='--all' or COMPARE='RUN_ID RUN_ID' or COMPARE='--stage finetune' (see python -m pipeline.compare -h)
 compare: $(STAMP)

@@ -13,6 +13,14 @@ sections can be run separately and a crash never leaves half a file):
                                                    greedy, `generate` with and without the cache
     sample.naive_tokens_per_s, sample.kv_speedup_vs_naive
                                                    the textbook loop (whole window, all logits)
+    sample.kv_bf16_tokens_per_s, sample.kv_bf16_speedup
+                                                   `generate` with the cache on bf16 weights
+                                                   (`minigpt generate --precision bf16`)
+    sample.kv_batch8_tokens_per_s, sample.kv_bf16_batch8_tokens_per_s
+                                                   8 prompts at once: new tokens/s of the batch
+    sample.bf16_greedy_agreement                   share of 200 greedy tokens that bf16 weights
+                                                   choose as fp32 does, on the fp32 loss-curve
+                                                   model below (trained: a random one has ties)
     train.tokens_per_s                             a full training step (forward, backward,
                                                    clip, AdamW) with the default TrainConfig
     train.best_tokens_per_s, train.best_settings   the fastest TrainConfig settings measured
@@ -21,6 +29,9 @@ sections can be run separately and a crash never leaves half a file):
                                                    resp. fp32 yardstick (train.best_model_gflops:
                                                    the fastest settings' model GFLOP/s)
     train.settings                                 tokens/s and MFU of every setting measured
+    train.run_model_mfu_bf16, train.run_model_settings
+                                                   the same for the model `make run` trains
+                                                   (gpt2-tiny, context 128, batch 16)
     train.bf16_loss_rel_diff                       loss curves of `train()` in fp32 vs the best
                                                    settings: max relative difference per step;
     train.seed_loss_rel_diff                       the same for two fp32 runs from different
@@ -41,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import itertools
 import json
@@ -62,7 +74,7 @@ from minigpt.generate import generate
 from minigpt.model import GPTModel
 from minigpt.io import write_json_atomic
 from minigpt.train import LanguageModelLoss, build_optimizer, train, train_step
-from minigpt.utils import eval_mode, retain_freed_memory
+from minigpt.utils import compiled, eval_mode, retain_freed_memory
 
 SECTIONS = ("hw", "model", "train", "data")
 PRESET = "gpt2-small"
@@ -70,6 +82,9 @@ CONTEXT = 256
 BATCH = 8
 PROMPT_TOKENS = 10
 NEW_TOKENS = 200
+SAMPLE_BATCH = 8
+# The model `make run` trains (conf/: model gpt2-tiny, data.max_length, train.micro_batch_size).
+RUN_PRESET, RUN_CONTEXT, RUN_BATCH = "gpt2-tiny", 128, 16
 CPU = torch.device("cpu")
 
 # The trainer's speed settings worth comparing (TrainConfig fields). The first is the
@@ -83,6 +98,8 @@ TRAIN_CANDIDATES: list[dict[str, Any]] = [
     {"precision": "bf16", "compile": True, "loss_chunk_size": 1024},
 ]
 QUICK_CANDIDATES = [TRAIN_CANDIDATES[0], TRAIN_CANDIDATES[3], TRAIN_CANDIDATES[5]]
+# For the small model `make run` trains, the two that matter: with and without compile.
+RUN_CANDIDATES = [TRAIN_CANDIDATES[3], TRAIN_CANDIDATES[5]]
 
 
 def settings_name(settings: dict[str, Any]) -> str:
@@ -165,28 +182,39 @@ def bench_model(quick: bool) -> dict[str, Any]:
     model.train()
     fwd_bwd_rate = _median_rate(fwd_bwd, BATCH * CONTEXT, repeats=2 if quick else 5)
 
-    prompt = _random_batch(1, PROMPT_TOKENS, model.cfg.vocab_size, seed=2)[0]
-    samplers: dict[str, Callable[[], torch.Tensor]] = {
-        "kv": lambda: generate(model, prompt, NEW_TOKENS, use_cache=True),
-        "nocache": lambda: generate(model, prompt, NEW_TOKENS, use_cache=False),
-        "naive": lambda: naive_generate(model, prompt, NEW_TOKENS),
+    prompt = _random_batch(1, PROMPT_TOKENS, model.cfg.vocab_size, seed=2)[0]  # (1, 10)
+    prompts8 = _random_batch(SAMPLE_BATCH, PROMPT_TOKENS, model.cfg.vocab_size, seed=3)[0]  # (8, 10)
+    model.eval()
+    bf16_model = copy.deepcopy(model).to(torch.bfloat16)  # what `minigpt generate --precision bf16` loads
+    samplers: dict[str, tuple[int, Callable[[], torch.Tensor]]] = {  # name: (batch, sample)
+        "kv": (1, lambda: generate(model, prompt, NEW_TOKENS, use_cache=True)),
+        "nocache": (1, lambda: generate(model, prompt, NEW_TOKENS, use_cache=False)),
+        "naive": (1, lambda: naive_generate(model, prompt, NEW_TOKENS)),
+        "kv_bf16": (1, lambda: generate(bf16_model, prompt, NEW_TOKENS)),
+        "kv_batch8": (SAMPLE_BATCH, lambda: generate(model, prompts8, NEW_TOKENS)),
+        "kv_bf16_batch8": (SAMPLE_BATCH, lambda: generate(bf16_model, prompts8, NEW_TOKENS)),
     }
-    outputs = {name: sample() for name, sample in samplers.items()}  # warm-up, and to compare
+    outputs = {name: sample() for name, (_, sample) in samplers.items()}  # warm-up, and to compare
     rates: dict[str, list[float]] = {name: [] for name in samplers}
     for _ in range(1 if quick else 3):  # interleaved, so load affects all alike
-        for name, sample in samplers.items():
+        for name, (batch, sample) in samplers.items():
             start = time.perf_counter()
             sample()
-            rates[name].append(NEW_TOKENS / (time.perf_counter() - start))
-    kv, nocache, naive = (statistics.median(rates[n]) for n in ("kv", "nocache", "naive"))
+            rates[name].append(batch * NEW_TOKENS / (time.perf_counter() - start))
+    rate = {name: statistics.median(r) for name, r in rates.items()}
     return {
         "model.fwd_bwd_tokens_per_s": round(fwd_bwd_rate, 1),
-        "sample.kv_tokens_per_s": round(kv, 1),
-        "sample.nocache_tokens_per_s": round(nocache, 1),
-        "sample.kv_speedup": round(kv / nocache, 2),
-        "sample.naive_tokens_per_s": round(naive, 1),
-        "sample.kv_speedup_vs_naive": round(kv / naive, 2),
+        "sample.kv_tokens_per_s": round(rate["kv"], 1),
+        "sample.nocache_tokens_per_s": round(rate["nocache"], 1),
+        "sample.kv_speedup": round(rate["kv"] / rate["nocache"], 2),
+        "sample.naive_tokens_per_s": round(rate["naive"], 1),
+        "sample.kv_speedup_vs_naive": round(rate["kv"] / rate["naive"], 2),
         "sample.kv_matches_nocache": bool(torch.equal(outputs["kv"], outputs["nocache"])),
+        "sample.kv_bf16_tokens_per_s": round(rate["kv_bf16"], 1),
+        "sample.kv_bf16_speedup": round(rate["kv_bf16"] / rate["kv"], 2),
+        "sample.kv_batch8_tokens_per_s": round(rate["kv_batch8"], 1),
+        "sample.kv_bf16_batch8_tokens_per_s": round(rate["kv_bf16_batch8"], 1),
+        "sample.tokens_per_s_spread": {name: spread(r) for name, r in rates.items()},
     }
 
 
@@ -207,14 +235,15 @@ class TrainStep:
     """One optimizer step of the trainer itself (`minigpt.train.train_step`) for a single
     process, one micro-batch, the same batch every time."""
 
-    def __init__(self, settings: dict[str, Any], seed: int = 0) -> None:
-        self.cfg = TrainConfig(micro_batch_size=BATCH, global_batch_size=BATCH, **settings)
+    def __init__(self, settings: dict[str, Any], seed: int = 0, shape: tuple[str, int, int] = (PRESET, CONTEXT, BATCH)) -> None:
+        preset, context, batch = shape
+        self.cfg = TrainConfig(micro_batch_size=batch, global_batch_size=batch, **settings)
         torch.manual_seed(seed)
-        self.model = GPTModel.from_preset(PRESET, context_length=CONTEXT)
+        self.model = GPTModel.from_preset(preset, context_length=context)
         self.model.train()
         self.optimizer = build_optimizer(self.model, self.cfg, CPU)
-        self.runner = torch.compile(self.model) if self.cfg.compile else self.model
-        self.batches = itertools.repeat(_random_batch(BATCH, CONTEXT, self.model.cfg.vocab_size, seed=seed + 1))
+        self.runner = compiled(self.model) if self.cfg.compile else self.model
+        self.batches = itertools.repeat(_random_batch(batch, context, self.model.cfg.vocab_size, seed=seed + 1))
         self.loss_fn = LanguageModelLoss(self.cfg.loss_chunk_size)
 
     def __call__(self) -> float:
@@ -225,16 +254,19 @@ class TrainStep:
 
 
 def measure_train_steps(candidates: list[dict[str, Any]], rounds: int, warmup: int = 2,
-                        log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Tokens/s of each settings' training step: medians over `rounds` interleaved rounds."""
+                        log: Callable[[str], None] = print,
+                        shape: tuple[str, int, int] = (PRESET, CONTEXT, BATCH)) -> list[dict[str, Any]]:
+    """Tokens/s of each settings' training step of a (preset, context, batch) model:
+    medians over `rounds` interleaved rounds."""
     steps = []
     for settings in candidates:
         start = time.perf_counter()
-        step = TrainStep(settings)
+        step = TrainStep(settings, shape=shape)
         for _ in range(warmup):  # the first compiled steps compile
             step()
         log(f"  {settings_name(settings):28s} ready in {time.perf_counter() - start:5.1f} s")
         steps.append(step)
+    flops_token = flops_per_token(steps[0].model, shape[1])
     times: list[list[float]] = [[] for _ in steps]
     for _ in range(rounds):
         for i, step in enumerate(steps):
@@ -243,12 +275,13 @@ def measure_train_steps(candidates: list[dict[str, Any]], rounds: int, warmup: i
             times[i].append(time.perf_counter() - start)
     del steps  # the models and optimizers: ~0.5 GB each
     gc.collect()
-    tokens = BATCH * CONTEXT
+    tokens = shape[1] * shape[2]
     return [
         {"settings": settings, "name": settings_name(settings),
          "tokens_per_s": round(tokens / statistics.median(t), 1),
          "best_of_tokens_per_s": round(tokens / min(t), 1),
-         "tokens_per_s_spread": spread([tokens / seconds for seconds in t])}
+         "tokens_per_s_spread": spread([tokens / seconds for seconds in t]),
+         "flops_per_token": flops_token}
         for settings, t in zip(candidates, times)
     ]
 
@@ -306,8 +339,9 @@ class WindowLoader:
 
 
 def loss_curve(settings: dict[str, Any], tokens: torch.Tensor, steps: int,
-               seed: int = 1337) -> tuple[list[float], float]:
-    """Train losses of a short `train()` run and its median tokens/s (first steps excluded).
+               seed: int = 1337) -> tuple[list[float], float, GPTModel]:
+    """Train losses of a short `train()` run, its median tokens/s (first steps excluded)
+    and the trained model.
 
     `seed` seeds the model's initialisation and the trainer (the data is the same)."""
     cfg = TrainConfig(
@@ -324,29 +358,33 @@ def loss_curve(settings: dict[str, Any], tokens: torch.Tensor, steps: int,
                        max_length=CONTEXT)
     records = [r for r in result.history if r["kind"] == "train"]
     rates = [r["tokens_per_s"] for r in records[2:]] or [records[-1]["tokens_per_s"]]
-    return [r["train_loss"] for r in records], statistics.median(rates)
+    return [r["train_loss"] for r in records], statistics.median(rates), model
 
 
 def bench_train(quick: bool, hw: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
     """Training-step throughput per setting, MFU of the best, fp32-vs-best loss curves (issue 4)."""
     candidates = QUICK_CANDIDATES if quick else TRAIN_CANDIDATES
-    results = measure_train_steps(candidates, rounds=3 if quick else 7, log=log)
+    rounds = 3 if quick else 7
+    results = measure_train_steps(candidates, rounds=rounds, log=log)
+    log(f"  the model `make run` trains: {RUN_PRESET}, context {RUN_CONTEXT}, batch {RUN_BATCH}")
+    run_results = measure_train_steps(RUN_CANDIDATES, rounds=rounds, log=log,
+                                      shape=(RUN_PRESET, RUN_CONTEXT, RUN_BATCH))
     model = GPTModel.from_preset(PRESET, context_length=CONTEXT)
-    flops_token = flops_per_token(model, CONTEXT)
+    flops_token = results[0]["flops_per_token"]
     peaks = {p: hw.get(f"hw.{p}_matmul_gflops") or matmul_flops_per_s(
         torch.float32 if p == "fp32" else torch.bfloat16, CPU, size=2048) / 1e9 for p in ("fp32", "bf16")}
     for attempt in range(2):
-        for r in results:
-            r["mfu"] = round(r["tokens_per_s"] * flops_token / (peaks[r["settings"]["precision"]] * 1e9), 3)
-        if max(r["mfu"] for r in results) <= 1.0:
+        for r in results + run_results:
+            r["mfu"] = round(r["tokens_per_s"] * r["flops_per_token"] / (peaks[r["settings"]["precision"]] * 1e9), 3)
+        highest = max(r["mfu"] for r in results + run_results)
+        if highest <= 1.0:
             break
         # More than the machine can do: the peak was measured while it was busy. Measure again.
-        log(f"  MFU {max(r['mfu'] for r in results)} > 1: the matmul peak was measured on a busy machine; "
-            f"re-measuring it")
+        log(f"  MFU {highest} > 1: the matmul peak was measured on a busy machine; re-measuring it")
         remeasured = bench_hw(quick, repeats=8)
         peaks = {p: max(peaks[p], remeasured[f"hw.{p}_matmul_gflops"]) for p in peaks}
     else:
-        raise RuntimeError(f"MFU {max(r['mfu'] for r in results)} > 1 even against a re-measured peak "
+        raise RuntimeError(f"MFU {highest} > 1 even against a re-measured peak "
                            f"({peaks} GFLOP/s): the machine is too busy to benchmark; run `make bench` again")
     default = results[0]
     best = max(results, key=lambda r: r["tokens_per_s"])
@@ -356,10 +394,11 @@ def bench_train(quick: bool, hw: dict[str, Any], log: Callable[[str], None] = pr
     steps = 12 if quick else 40
     tokens = markov_tokens(BATCH * (CONTEXT + 1) * (steps + 4) * 10 // 9, model.cfg.vocab_size)
     log(f"  loss curves: {steps} steps of train() in fp32, in {best['name']}, and in fp32 from another seed")
-    ref_losses, ref_rate = loss_curve(default["settings"], tokens, steps)
-    best_losses, best_rate = loss_curve(best["settings"], tokens, steps)
+    ref_losses, ref_rate, trained = loss_curve(default["settings"], tokens, steps)
+    best_losses, best_rate, _ = loss_curve(best["settings"], tokens, steps)
     # The yardstick for "within noise": the same fp32 run from another initialisation.
-    seed_losses, _ = loss_curve(default["settings"], tokens, steps, seed=1338)
+    seed_losses, _, _ = loss_curve(default["settings"], tokens, steps, seed=1338)
+    greedy_agreement = bf16_greedy_agreement(trained, tokens[None, :PROMPT_TOKENS])
 
     def rel_diffs(other: list[float]) -> list[float]:
         return [abs(a - b) / abs(a) for a, b in zip(ref_losses, other)]
@@ -388,9 +427,21 @@ def bench_train(quick: bool, hw: dict[str, Any], log: Callable[[str], None] = pr
         "train.loss_curve_fp32": [round(v, 4) for v in ref_losses[every - 1::every]],
         "train.loss_curve_best": [round(v, 4) for v in best_losses[every - 1::every]],
         "train.loss_curve_fp32_seed2": [round(v, 4) for v in seed_losses[every - 1::every]],
+        "sample.bf16_greedy_agreement": greedy_agreement,
+        "train.run_model": f"{RUN_PRESET}, context {RUN_CONTEXT}, batch {RUN_BATCH}",
+        "train.run_model_mfu_bf16": max(r["mfu"] for r in run_results),
+        "train.run_model_settings": {r["name"]: {k: r[k] for k in ("tokens_per_s", "tokens_per_s_spread", "mfu")}
+                                     for r in run_results},
         "train.trainer_tokens_per_s": round(ref_rate, 1),
         "train.trainer_best_tokens_per_s": round(best_rate, 1),
     }
+
+
+def bf16_greedy_agreement(model: GPTModel, prompt: torch.Tensor) -> float:
+    """Share of `NEW_TOKENS` greedy tokens that a bf16 copy of `model` chooses as it does."""
+    fp32 = generate(model, prompt, NEW_TOKENS)[0, prompt.shape[1]:]
+    bf16 = generate(copy.deepcopy(model).to(torch.bfloat16), prompt, NEW_TOKENS)[0, prompt.shape[1]:]
+    return round(float((fp32 == bf16).float().mean()), 3)
 
 
 # --------------------------------------------------------------------------- data

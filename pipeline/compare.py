@@ -62,6 +62,10 @@ def comparison_table(runs: pd.DataFrame, stage: str) -> pd.DataFrame:
         table[column.removeprefix("params.")] = runs[column]
     for score in scores:
         table[score] = runs[f"metrics.{score}"].round(4)
+    # What each score cost: a recipe is judged at equal wall-clock, not equal steps.
+    for tag in ("train.train_seconds", "train.tokens_per_s"):
+        if f"tags.{tag}" in runs:
+            table[tag.removeprefix("train.")] = pd.to_numeric(runs[f"tags.{tag}"], errors="coerce").round(0)
     return table.sort_values(scores[0], ascending=ascending) if scores else table
 
 

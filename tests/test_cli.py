@@ -56,9 +56,9 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def continuation(path: Path, prompt: str, max_new_tokens: int, **sampling) -> str:
+def continuation(path: Path, prompt: str, max_new_tokens: int, precision: str = "fp32", **sampling) -> str:
     """What the library's `generate` continues `prompt` with, up to <|endoftext|>."""
-    model, _ = load_language_model(path)
+    model, _ = load_language_model(path, precision=precision)
     enc = get_tokenizer()
     idx = torch.tensor([enc.encode_ordinary(prompt)])
     seed = sampling.pop("seed", 0)
@@ -71,6 +71,16 @@ def test_generate_prints_the_prompt_and_the_greedy_continuation(checkpoint):
     proc = cli("generate", "--model", str(checkpoint), "ROMEO:", "--max-new-tokens", "12", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "ROMEO:" + continuation(checkpoint, "ROMEO:", 12) + "\n"
+
+
+def test_bf16_weights_decode_as_the_library_does_in_bf16(checkpoint):
+    proc = cli("generate", "--model", str(checkpoint), "ROMEO:", "--max-new-tokens", "12", "--precision", "bf16")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "ROMEO:" + continuation(checkpoint, "ROMEO:", 12, precision="bf16") + "\n"
+    model, _ = load_language_model(checkpoint, precision="bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="expected fp32 or bf16"):
+        load_language_model(checkpoint, precision="fp16")
 
 
 def test_seeded_sampling_is_the_library_s_and_reproducible(checkpoint):

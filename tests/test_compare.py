@@ -16,7 +16,8 @@ TRACKING = {"experiment": "minigpt", "run_name": None, "log_model": False, "regi
 
 
 def add_run(client: MlflowClient, experiment_id: str, name: str, sweep: str, lr: float, bpb: float) -> str:
-    run_id = client.create_run(experiment_id, run_name=name, tags={"stage": "pretrain", "sweep": sweep}).info.run_id
+    tags = {"stage": "pretrain", "sweep": sweep, "train.train_seconds": str(round(60 / lr)), "train.tokens_per_s": "8000.4"}
+    run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     params = {"train.lr": str(lr), "model.n_layers": "4", "train.max_steps": "6"}
     curve = [Metric("train_loss", 10 - step * lr * 100, 0, step) for step in (1, 2, 3)]
     curve += [Metric("val_loss", 10 - step * lr * 90, 0, step) for step in (3,)]
@@ -44,6 +45,8 @@ def test_compare_lists_the_latest_sweep_best_first_with_only_the_params_that_dif
     assert header[:3] == ["run", "run_id", "train.lr"]  # model.n_layers and max_steps are the same: left out
     assert "model.n_layers" not in header and {"val_bits_per_byte", "val_perplexity"} <= set(header)
     assert [row.split("|")[1].strip() for row in rows[2:]] == ["b", "c", "a"]  # best bits/byte first
+    assert header[-2:] == ["train_seconds", "tokens_per_s"]  # what each score cost
+    assert [cell.strip() for cell in rows[2].split("|")[-3:-1]] == ["20000", "8000"]
     assert (tmp_path / "reports/compare.png").read_bytes()[:4] == b"\x89PNG"
 
     every = subprocess.run([sys.executable, "-m", "pipeline.compare", "--all"], cwd=tmp_path, env=env,

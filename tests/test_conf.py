@@ -1,5 +1,6 @@
 """Every config group composes and validates; params.yaml is the composition of conf/."""
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,13 @@ def test_bad_values_are_named(override, message):
     with pytest.raises(ValidationError) as err:
         PipelineConfig.model_validate(compose(override))
     assert message in format_validation_error(err.value)
+
+
+def test_every_recipe_sweep_candidate_composes_and_validates():
+    """`make sweep-recipe` queues one experiment per line of -S overrides: each must compose."""
+    lines = [line.strip() for line in (CONF / "sweeps" / "recipe.txt").read_text().splitlines()]
+    candidates = [shlex.split(line) for line in lines if line and not line.startswith("#")]
+    assert len(candidates) >= 4
+    for args in candidates:
+        assert args[::2] == ["-S"] * (len(args) // 2), f"conf/sweeps/recipe.txt: expected -S key=value pairs: {args}"
+        PipelineConfig.model_validate(compose(*args[1::2]))

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         gen.add_argument(f"--{key.replace('_', '-')}", type=type(default), default=default,
                          help=f"{_SETTING_HELP[key]} (default {default})")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    gen.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                     help="weights to decode with: bf16 halves the memory read per token (default fp32)")
     info = commands.add_parser("info", help="what a checkpoint holds: config, step, losses, fingerprints")
     info.add_argument("model", metavar="CHECKPOINT|URI")
     return parser
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "info":
                 print(describe(path, args.model))
                 return 0
-            model, _ = load_language_model(path, pick_device(args.device))
+            model, _ = load_language_model(path, pick_device(args.device), args.precision)
         settings = {key: getattr(args, key) for key in GENERATION_DEFAULTS}
         print_stream(args.prompt, stream_text(model, args.prompt, **settings), sys.stdout)
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, like a command killed by SIGPIPE

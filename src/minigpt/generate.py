@@ -70,7 +70,8 @@ class _Decoder:
             feed, caches = window, self.caches
         hidden = self.model.hidden_states(feed, caches)  # (batch, len(feed), emb_dim)
         # Only the last position is needed: projecting the others to 50k logits is wasted work.
-        return hidden[:, -1] @ self.head_weight  # (batch, vocab_size)
+        # fp32 logits whatever the weights' dtype, so that sampling and top-p see no rounding.
+        return (hidden[:, -1] @ self.head_weight).float()  # (batch, vocab_size)
 
 
 def generate(

@@ -54,13 +54,22 @@ def model_config_of(state: dict[str, Any], path: str | Path) -> ModelConfig:
         raise CheckpointError(f"checkpoint {path}: {format_validation_error(err, 'model')}") from None
 
 
-def load_language_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GPTModel, dict[str, Any]]:
+def load_language_model(path: str | Path, device: torch.device | str = "cpu",
+                        precision: str = "fp32") -> tuple[GPTModel, dict[str, Any]]:
     """The `GPTModel` of a checkpoint file, built from the config it holds, verified and in
-    eval mode on `device`; and the checkpoint's saved state. A `CheckpointError` says why not."""
+    eval mode on `device`; and the checkpoint's saved state. A `CheckpointError` says why not.
+
+    `precision="bf16"` keeps the weights (and so the KV cache) in bfloat16 for decoding:
+    half the bytes read per token, which is what batch-1 decoding waits on (see `make bench`,
+    `sample.kv_bf16_*`); logits are still fp32 for sampling.
+    """
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if precision not in dtypes:
+        raise ValueError(f"precision {precision!r}: expected fp32 or bf16")
     state = read_checkpoint_state(path)
     model = GPTModel(model_config_of(state, path))
     load_checkpoint(path, model)  # reads the whole file and checks its sha256
-    return model.to(device).eval(), state
+    return model.to(device, dtypes[precision]).eval(), state
 
 
 def stream_text(model: GPTModel, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int,

@@ -29,7 +29,7 @@ from minigpt.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from minigpt.config import TrainConfig
 from minigpt.flops import flops_per_token, matmul_flops_per_s
 from minigpt.model import GPTModel
-from minigpt.utils import autocast_for, eval_mode, release_freed_memory, retain_freed_memory, seed_everything
+from minigpt.utils import autocast_for, compiled, eval_mode, release_freed_memory, retain_freed_memory, seed_everything
 
 Record = dict[str, Any]
 Callback = Callable[[Record], None]
@@ -356,7 +356,7 @@ def train(
     resume_from = _resume_path(cfg, out_dir)
     state = TrainState() if resume_from is None else _restore(
         resume_from, model, optimizer, train_loader, run_info, cfg, ctx)
-    runner: torch.nn.Module = torch.compile(model) if cfg.compile else model
+    runner: torch.nn.Module = compiled(model) if cfg.compile else model
     if ctx.enabled:
         runner = DistributedDataParallel(runner, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
 
