@@ -46,9 +46,9 @@ def test_the_model_is_named_by_its_preset():
 def test_a_plain_run_is_named_by_model_and_corpus_and_an_override_by_its_value(repo):
     assert overrides(PARAMS, ("model.", "train.")) == {}
     assert run_name("gpt2-tiny·shakespeare", {}) == "gpt2-tiny·shakespeare"
-    changed = overrides(with_lr(0.003), ("model.", "train."))
-    assert changed == {"train.lr": 0.003}
-    assert run_name("gpt2-tiny·shakespeare", changed) == "gpt2-tiny·shakespeare·lr=0.003"
+    changed = overrides(with_lr(0.005), ("model.", "train."))
+    assert changed == {"train.lr": 0.005}
+    assert run_name("gpt2-tiny·shakespeare", changed) == "gpt2-tiny·shakespeare·lr=0.005"
 
 
 def test_only_the_stage_s_own_sections_name_it(repo):
@@ -61,12 +61,12 @@ def test_only_the_stage_s_own_sections_name_it(repo):
 
 def test_outside_git_nothing_counts_as_overridden(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert overrides(with_lr(0.003), ("train.",)) == {}
+    assert overrides(with_lr(0.005), ("train.",)) == {}
 
 
 def test_params_yaml_and_dvc_lock_do_not_make_the_code_dirty(repo):
     assert git_tags(repo)["git.dirty"] == "false"
-    (repo / "params.yaml").write_text(yaml.safe_dump(with_lr(0.003)))  # what `dvc exp run -S` does
+    (repo / "params.yaml").write_text(yaml.safe_dump(with_lr(0.005)))  # what `dvc exp run -S` does
     assert git_tags(repo)["git.dirty"] == "false"
     (repo / "code.py").write_text("x = 2\n")
     assert git_tags(repo)["git.dirty"] == "true"
