@@ -86,16 +86,17 @@ SAMPLE_BATCH = 8
 # The model `make run` trains (conf/: model gpt2-tiny, data.max_length, train.micro_batch_size).
 RUN_PRESET, RUN_CONTEXT, RUN_BATCH = "gpt2-tiny", 128, 16
 CPU = torch.device("cpu")
+CHUNK = 1024  # conf/train/cpu-quick.yaml: train.loss_chunk_size
 
 # The trainer's speed settings worth comparing (TrainConfig fields). The first is the
 # default configuration; the fastest of the rest becomes `train.best_settings`.
 TRAIN_CANDIDATES: list[dict[str, Any]] = [
     {"precision": "fp32", "compile": False, "loss_chunk_size": None},
-    {"precision": "fp32", "compile": False, "loss_chunk_size": 1024},
+    {"precision": "fp32", "compile": False, "loss_chunk_size": CHUNK},
     {"precision": "bf16", "compile": False, "loss_chunk_size": None},
-    {"precision": "bf16", "compile": False, "loss_chunk_size": 1024},
+    {"precision": "bf16", "compile": False, "loss_chunk_size": CHUNK},
     {"precision": "bf16", "compile": True, "loss_chunk_size": None},
-    {"precision": "bf16", "compile": True, "loss_chunk_size": 1024},
+    {"precision": "bf16", "compile": True, "loss_chunk_size": CHUNK},
 ]
 QUICK_CANDIDATES = [TRAIN_CANDIDATES[0], TRAIN_CANDIDATES[3], TRAIN_CANDIDATES[5]]
 # For the small model `make run` trains, the two that matter: with and without compile.

@@ -86,3 +86,13 @@ def test_every_recipe_sweep_candidate_composes_and_validates():
     for args in candidates:
         assert args[::2] == ["-S"] * (len(args) // 2), f"conf/sweeps/recipe.txt: expected -S key=value pairs: {args}"
         PipelineConfig.model_validate(compose(*args[1::2]))
+
+
+def test_bench_measures_the_model_make_run_trains():
+    """`make bench`'s train.run_model_* keys speak for the default recipe only if they time it."""
+    from benchmarks import bench
+
+    params = compose()
+    assert (bench.RUN_CONTEXT, bench.RUN_BATCH, bench.CHUNK) == (
+        params["data"]["max_length"], params["train"]["micro_batch_size"], params["train"]["loss_chunk_size"])
+    assert params["model"] == PRESETS[bench.RUN_PRESET]
