@@ -53,7 +53,7 @@ class Interrupted(Exception):
     """Raised from a callback: the process 'dies' mid-run."""
 
 
-def _run_interrupted(corpus: Path, out: Path, dies_at_step: int) -> list[dict]:
+def _run_interrupted(corpus: Path, out: Path, dies_at_step: int, cfg: dict | None = None) -> list[dict]:
     """Run the resume config until the process 'dies' during `dies_at_step`; return the
     records of the steps its `last` checkpoint holds (all before `dies_at_step`)."""
     records: list[dict] = []
@@ -65,7 +65,7 @@ def _run_interrupted(corpus: Path, out: Path, dies_at_step: int) -> list[dict]:
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        run_training(corpus, out, RESUME_CFG, model_overrides=RESUME_MODEL, run_info=RUN_INFO,
+        run_training(corpus, out, cfg or RESUME_CFG, model_overrides=RESUME_MODEL, run_info=RUN_INFO,
                      callbacks=(records.append, die))
     return [r for r in records if r["step"] < dies_at_step]
 
@@ -264,6 +264,19 @@ def test_resume_at_any_step_is_bit_identical(corpus, uninterrupted, tmp_path, sa
                           callbacks=(new_records.append,))
     _assert_same_run(uninterrupted, out, records + new_records)
     assert _losses(result.history) == _losses(uninterrupted[1])  # the result reports the whole run
+
+
+def test_resume_with_muon_is_bit_identical(corpus, tmp_path):
+    """Muon's momentum buffers and AdamW's moments both travel in the checkpoint."""
+    cfg = {**RESUME_CFG, "optimizer": "muon"}
+    reference = run_training(corpus, tmp_path / "ref", cfg, model_overrides=RESUME_MODEL, run_info=RUN_INFO)
+    out = tmp_path / "run"
+    records = _run_interrupted(corpus, out, dies_at_step=6, cfg=cfg)
+    new_records: list[dict] = []
+    run_training(corpus, out, cfg, model=tiny_model(seed=5, **RESUME_MODEL), run_info=RUN_INFO,
+                 callbacks=(new_records.append,))
+    _assert_same_run((tmp_path / "ref", reference.history), out, records + new_records)
+    assert any(k.endswith("momentum_buffer") for k in read_checkpoint(out / "last.safetensors")[0])
 
 
 @pytest.mark.parametrize("broken", ["rng", "loader"])

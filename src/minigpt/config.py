@@ -169,6 +169,10 @@ class TrainConfig(StrictModel):
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="muon: Muon for the blocks' matrices, AdamW (lr, betas) for the rest")
+    muon_lr: float = Field(0.02, gt=0, description="Muon's peak lr; follows lr's schedule")
+    muon_momentum: float = Field(0.95, ge=0, lt=1)
     grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; null disables")
     max_steps: int = Field(1000, gt=0)
     max_tokens: int | None = Field(None, gt=0)

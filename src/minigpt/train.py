@@ -29,6 +29,8 @@ from minigpt.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from minigpt.config import TrainConfig
 from minigpt.flops import flops_per_token, matmul_flops_per_s
 from minigpt.model import GPTModel
+from minigpt.modules import MultiHeadAttention
+from minigpt.optim import Muon
 from minigpt.utils import autocast_for, compiled, eval_mode, release_freed_memory, retain_freed_memory, seed_everything
 
 Record = dict[str, Any]
@@ -133,13 +135,29 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def muon_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """Muon's share of `model`: the 2-D weights inside the transformer blocks, each fused
+    q/k/v projection as three matrices."""
+    qkv = {id(m.qkv.weight) for m in model.modules() if isinstance(m, MultiHeadAttention)}
+    matrices = [p for p in model.blocks.parameters() if p.dim() == 2 and p.requires_grad]
+    groups = [{"params": [p for p in matrices if id(p) in qkv], "muon": True, "split": 3},
+              {"params": [p for p in matrices if id(p) not in qkv], "muon": True}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     # One fused kernel per parameter instead of a dozen multi-tensor passes: ~3x faster
     # optimizer steps on CPU too (PyTorch >= 2.4); MPS keeps the default path.
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-        fused=device.type in ("cuda", "cpu"),
-    )
+    fused = device.type in ("cuda", "cpu")
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas, fused=fused)
+    muon = muon_groups(model)
+    taken = {id(p) for g in muon for p in g["params"]}
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in taken]}
+            for g in param_groups(model, cfg.weight_decay)]
+    return Muon(muon + [g for g in rest if g["params"]], lr=cfg.lr, betas=betas,
+                lr_scale=cfg.muon_lr / cfg.lr, momentum=cfg.muon_momentum, fused=fused)
 
 
 # --------------------------------------------------------------------------- one step
