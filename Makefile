@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 # Stage commands say `python`: put the venv first so DVC runs ours.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-SWEEP ?= -S data=shakespeare-mini -S train.max_steps=200 -S 'train.lr=1e-3,5e-3'
+SWEEP ?= -S data=shakespeare-mini -S train.max_steps=200 -S 'train.lr=1e-3,2e-3'
 UI_PORT ?= 5000
 # One experiment per line of -S overrides; see the file's header.
 RECIPE_SWEEP ?= conf/sweeps/recipe.txt

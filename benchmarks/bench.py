@@ -87,6 +87,7 @@ SAMPLE_BATCH = 8
 RUN_PRESET, RUN_CONTEXT, RUN_BATCH = "gpt2-tiny", 128, 16
 CPU = torch.device("cpu")
 CHUNK = 1024  # conf/train/cpu-quick.yaml: train.loss_chunk_size
+RUN_OPTIMIZER = "muon"  # conf/train/cpu-quick.yaml: train.optimizer
 
 # The trainer's speed settings worth comparing (TrainConfig fields). The first is the
 # default configuration; the fastest of the rest becomes `train.best_settings`.
@@ -99,14 +100,17 @@ TRAIN_CANDIDATES: list[dict[str, Any]] = [
     {"precision": "bf16", "compile": True, "loss_chunk_size": CHUNK},
 ]
 QUICK_CANDIDATES = [TRAIN_CANDIDATES[0], TRAIN_CANDIDATES[3], TRAIN_CANDIDATES[5]]
-# For the small model `make run` trains, the two that matter: with and without compile.
-RUN_CANDIDATES = [TRAIN_CANDIDATES[3], TRAIN_CANDIDATES[5]]
+# For the small model `make run` trains, with its optimizer: with and without compile.
+RUN_CANDIDATES = [{**TRAIN_CANDIDATES[3], "optimizer": RUN_OPTIMIZER},
+                  {**TRAIN_CANDIDATES[5], "optimizer": RUN_OPTIMIZER}]
 
 
 def settings_name(settings: dict[str, Any]) -> str:
     chunk = settings.get("loss_chunk_size")
     parts = [settings["precision"], "compile" if settings.get("compile") else "eager"]
     parts.append(f"chunk{chunk}" if chunk else "full-logits")
+    if settings.get("optimizer", "adamw") != "adamw":
+        parts.append(settings["optimizer"])
     return "+".join(parts)
 
 

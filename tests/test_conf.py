@@ -93,6 +93,7 @@ def test_bench_measures_the_model_make_run_trains():
     from benchmarks import bench
 
     params = compose()
-    assert (bench.RUN_CONTEXT, bench.RUN_BATCH, bench.CHUNK) == (
-        params["data"]["max_length"], params["train"]["micro_batch_size"], params["train"]["loss_chunk_size"])
+    train = params["train"]
+    assert (bench.RUN_CONTEXT, bench.RUN_BATCH, bench.CHUNK, bench.RUN_OPTIMIZER) == (
+        params["data"]["max_length"], train["micro_batch_size"], train["loss_chunk_size"], train["optimizer"])
     assert params["model"] == PRESETS[bench.RUN_PRESET]

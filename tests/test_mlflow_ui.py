@@ -1,7 +1,7 @@
 """The MLflow UI, verified in a real browser (headless Chromium driven by Playwright).
 
 A temporary clone runs the real pipeline twice on the smoke slice (`dvc exp run sample`
-with `train.lr=1e-3`, then `5e-3`: two FINISHED runs that differ in one param), then
+with `train.lr=1e-3`, then `2e-3`: two FINISHED runs that differ in one param), then
 `mlflow ui` serves the clone's SQLite store and the test reads what a person would see:
 the experiment's training-runs table, the compare page of the two runs, and one run's
 artifacts. Full-page screenshots are saved (the folder is printed: `pytest -s` shows it).
@@ -33,8 +33,8 @@ from pipeline_helpers import SMOKE, clone_checkout, compose_smoke, env_for, free
 
 pytestmark = pytest.mark.slow
 
-LRS = ("1e-3", "5e-3")  # neither is the smoke preset's 3e-3, so each names its run
-RUN_NAMES = ("gpt2-tiny·shakespeare·lr=0.001", "gpt2-tiny·shakespeare·lr=0.005")
+LRS = ("1e-3", "2e-3")  # neither is the default 5e-3, so each names its run
+RUN_NAMES = ("gpt2-tiny·shakespeare·lr=0.001", "gpt2-tiny·shakespeare·lr=0.002")
 UI_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
            "--disable-sync", "--no-first-run", "--disable-quic"]
 TIMEOUT_MS = 120_000  # the first load of the React bundle is slow on 2 shared cores
@@ -71,7 +71,7 @@ def store(tmp_path_factory, chromium) -> dict:
     runs = stage_runs(uri, "pretrain")
     assert sorted(r.info.run_name for r in runs) == list(RUN_NAMES)
     assert {r.info.status for r in runs} == {"FINISHED"}
-    assert sorted(r.data.params["train.lr"] for r in runs) == ["0.001", "0.005"]
+    assert sorted(r.data.params["train.lr"] for r in runs) == ["0.001", "0.002"]
     by_name = {r.info.run_name: r for r in runs}
     return {"repo": repo, "experiment_id": runs[0].info.experiment_id,
             "runs": [by_name[n] for n in RUN_NAMES]}
@@ -282,7 +282,7 @@ def test_run_page_shows_the_description_and_the_reports(page, ui, store, shots):
     page.goto(f"{ui}/#/experiments/{store['experiment_id']}/runs/{r.info.run_id}")
     expect(page.get_by_role("heading", name=r.info.run_name)).to_be_visible()
     expect(page.get_by_text("Overrides of this experiment:")).to_be_visible()
-    expect(page.locator("code", has_text="train.lr=0.005")).to_be_visible()
+    expect(page.locator("code", has_text="train.lr=0.002")).to_be_visible()
     shoot(page, shots, "5-run-overview")
 
     page.get_by_role("tab", name="Artifacts").click()

@@ -110,7 +110,7 @@ def test_queued_sweep_runs_in_parallel_and_keeps_every_run(project):
     uri = f"sqlite:///{project / 'mlflow.db'}"
     before = {r.info.run_id for r in all_runs(uri)}
     overrides = [arg for o in SMOKE for arg in ("-S", o)]
-    run(project, "dvc", "exp", "run", "--queue", *overrides, "-S", "train.lr=1e-3,5e-3")
+    run(project, "dvc", "exp", "run", "--queue", *overrides, "-S", "train.lr=1e-3,2e-3")
     run(project, "dvc", "queue", "start", "-j", "2", MINIGPT_SWEEP="sweep-test")  # as `make sweep` does
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -120,13 +120,13 @@ def test_queued_sweep_runs_in_parallel_and_keeps_every_run(project):
         time.sleep(3)
     assert status.count("Success") == 2, status
     new = [r for r in stage_runs(uri, "pretrain") if r.info.run_id not in before]
-    assert sorted(r.data.params["train.lr"] for r in new) == ["0.001", "0.005"]
+    assert sorted(r.data.params["train.lr"] for r in new) == ["0.001", "0.002"]
     finetunes = [r for r in stage_runs(uri, "finetune") if r.info.run_id not in before]
     assert sorted(r.data.tags["mlflow.parentRunId"] for r in finetunes) == sorted(r.info.run_id for r in new)
     assert {r.info.status for r in finetunes} == {"FINISHED"}
     # Told apart: named by what differs, grouped by the sweep, drawn in different colours; the
     # composed params.yaml of a queued experiment does not make its code "dirty".
-    assert sorted(r.info.run_name for r in new) == ["gpt2-tiny·shakespeare·lr=0.001", "gpt2-tiny·shakespeare·lr=0.005"]
+    assert sorted(r.info.run_name for r in new) == ["gpt2-tiny·shakespeare·lr=0.001", "gpt2-tiny·shakespeare·lr=0.002"]
     assert {r.data.tags["sweep"] for r in new + finetunes} == {"sweep-test"}
     assert len({r.data.tags["mlflow.runColor"] for r in new}) == 2
     assert {r.data.tags["git.dirty"] for r in new} == {"false"}
