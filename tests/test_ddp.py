@@ -55,8 +55,14 @@ def _rank(records: Path, rank: int) -> dict:
     return json.loads(records.with_name(f"{records.name}.rank{rank}").read_text())
 
 
-def test_two_process_ddp_matches_one_process_with_the_same_global_batch(corpus, tmp_path):
-    common = dict(global_batch_size=8, max_steps=6, eval_interval=3, lr=3e-3)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(corpus, tmp_path, optimizer):
+    common = dict(global_batch_size=8, max_steps=6, eval_interval=3, lr=3e-3, optimizer=optimizer)
+    # Summing the two ranks' gradients rounds differently from accumulating two micro-batches
+    # (~1e-7). AdamW carries that through unchanged. Muon orthogonalises in bf16 and blows up
+    # the gradient's near-zero singular directions, which such noise turns: losses still agree
+    # to ~1e-4, single weights to a fraction of one step's update (0.02 / 4 here), not to 1e-5.
+    rel, weight_atol = (1e-5, 1e-5) if optimizer == "adamw" else (1e-3, 2e-3)
     single = run_training(corpus, tmp_path / "single", base_config(micro_batch_size=4, **common))
 
     ddp_cfg = base_config(micro_batch_size=4, **common)  # 4 per rank x 2 ranks: no accumulation
@@ -78,14 +84,15 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(corpus, 
         ddp, one = series(rank0["records"], key), series(single.history, key)
         assert [s for s, _ in ddp] == [s for s, _ in one]
         for (step, got), (_, want) in zip(ddp, one):
-            assert got == pytest.approx(want, rel=1e-5), f"{key} at step {step}"
+            assert got == pytest.approx(want, rel=rel), f"{key} at step {step}"
     assert [r["tokens"] for r in rank0["records"] if r["kind"] == "train"] == [
         s * 8 * MAX_LENGTH for s in range(1, 7)]
 
     ddp_tensors, one_tensors = read_checkpoint(out / "last.safetensors")[0], read_checkpoint(single.last_checkpoint)[0]
     for name, tensor in one_tensors.items():
         if name.startswith("model."):
-            torch.testing.assert_close(ddp_tensors[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+            torch.testing.assert_close(ddp_tensors[name], tensor, rtol=1e-4, atol=weight_atol,
+                                       msg=lambda detail, name=name: f"{name}: {detail}")
 
 
 def test_ranks_agree_when_to_stop_on_max_time(corpus, tmp_path):
