@@ -73,3 +73,17 @@ def test_a_muon_step_moves_each_qkv_third_by_an_orthogonal_matrix():
     assert sv.max() < 1.3 and (sv.median(-1).values > 0.6).all()
     norms = step.norm(dim=(1, 2))
     assert norms.max() / norms.min() < 1.3
+
+
+def test_step_with_a_closure_returns_its_loss_like_any_torch_optimizer():
+    weight = torch.nn.Parameter(torch.ones(4, 4))
+    opt = Muon([{"params": [weight], "muon": True}], lr=0.1, betas=(0.9, 0.95), lr_scale=1.0)
+
+    def closure():
+        opt.zero_grad()
+        loss = (weight * torch.arange(16.0).view(4, 4)).sum()
+        loss.backward()
+        return loss
+
+    assert opt.step(closure).item() == 120.0
+    assert not torch.equal(weight.detach(), torch.ones(4, 4))

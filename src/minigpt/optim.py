@@ -7,6 +7,10 @@ instead of the few directions that dominate a raw gradient. It is meant for the 
 weights inside the blocks; embeddings, the output head, norms and biases keep AdamW. One
 `torch.optim.Optimizer` holds both kinds of group, so checkpoints, exact resume and the
 trainer's learning-rate schedule see a single object.
+
+Why not `torch.optim.Muon` (PyTorch >= 2.9): it orthogonalises each parameter whole, so
+the fused (3·emb, emb) q/k/v weight would move as one map, and it takes only 2-D
+parameters, so the rest would need a second optimizer and two state dicts per checkpoint.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ class Muon(torch.optim.Optimizer):
     A Muon group's `split` cuts each matrix into that many equal blocks of rows that are
     orthogonalised on their own (the fused q/k/v projection is three maps, not one).
     The trainer sets every group's `lr` from one schedule; `lr_scale` keeps Muon's
-    larger step (~0.02 at the peak) in proportion.
+    larger step (~0.02 at the peak) in proportion. Muon groups take no weight decay.
     """
 
     def __init__(self, groups: list[dict[str, Any]], *, lr: float, betas: tuple[float, float],
@@ -53,13 +57,18 @@ class Muon(torch.optim.Optimizer):
         super().__init__(groups, defaults)
 
     @torch.no_grad()
-    def step(self, closure=None) -> None:
+    def step(self, closure=None) -> torch.Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if group["muon"]:
                 self._muon_step(group, params)
             elif params:
                 self._adamw_step(group, params)
+        return loss
 
     def _muon_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         lr, momentum, split = group["lr"] * group["lr_scale"], group["momentum"], group["split"]
