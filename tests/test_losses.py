@@ -109,3 +109,13 @@ def test_model_loss_and_every_param_grad_same_with_and_without_chunks(tie_weight
     grads_plain = dict(plain.named_parameters())
     for name, p in chunked.named_parameters():
         torch.testing.assert_close(p.grad, grads_plain[name].grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_weight_gradient_is_contiguous_like_the_weight():
+    """The weight's gradient is summed transposed; the one autograd hands on must be laid out
+    as the weight is (a transposed view made the tied embedding's sum and AdamW ~8% slower
+    per gpt2-small step)."""
+    hidden, weight, targets = _inputs()
+    loss = linear_cross_entropy(hidden, weight, targets, 7)
+    grad_weight, = torch.autograd.grad(loss, [weight])
+    assert grad_weight.is_contiguous() and grad_weight.shape == weight.shape
