@@ -71,16 +71,28 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _muon_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        if not params:
+            return
         lr, momentum, split = group["lr"] * group["lr_scale"], group["momentum"], group["split"]
-        for p in params:
-            buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-            buf.lerp_(p.grad, 1 - momentum)  # an EMA of the gradients
-            update = p.grad.lerp(buf, momentum)  # Nesterov: look one step ahead
-            rows, cols = p.shape[0] // split, p.shape[1]
-            update = orthogonalize(update.view(split, rows, cols)).view_as(p)
+        grads = [p.grad for p in params]
+        bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+        torch._foreach_lerp_(bufs, grads, 1 - momentum)  # an EMA of the gradients
+        updates = torch._foreach_lerp(grads, bufs, momentum)  # Nesterov: look one step ahead
+        # One batched Newton–Schulz per shape instead of one per matrix: gpt2-tiny's 24
+        # small matrices take 4.5 instead of 8.7 ms per step (2 cores); gpt2-small's are
+        # large enough that batching changes nothing.
+        same_shape: dict[torch.Size, list[int]] = {}
+        for i, p in enumerate(params):
+            same_shape.setdefault(p.shape, []).append(i)
+        for shape, indices in same_shape.items():
+            rows, cols = shape[0] // split, shape[1]
+            blocks = torch.stack([updates[i].view(split, rows, cols) for i in indices])  # (n, split, rows, cols)
+            orthogonal = orthogonalize(blocks)
             # An orthogonal (rows, cols) matrix has entries of RMS 1/sqrt(max(rows, cols));
             # scaling tall blocks by sqrt(rows / cols) gives every shape the same step per input.
-            p.add_(update, alpha=-lr * max(1.0, rows / cols) ** 0.5)
+            step = -lr * max(1.0, rows / cols) ** 0.5
+            for i, update in zip(indices, orthogonal):
+                params[i].add_(update.view(shape), alpha=step)
 
     def _adamw_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         for p in params:
