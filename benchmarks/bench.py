@@ -32,6 +32,11 @@ sections can be run separately and a crash never leaves half a file):
     train.run_model_mfu_bf16, train.run_model_settings
                                                    the same for the model `make run` trains
                                                    (gpt2-tiny, context 128, batch 16)
+    train.mfu_bound_bf16, train.run_model_mfu_bound_bf16
+                                                   the MFU of a bf16 step if only its matmuls
+                                                   took time (each timed alone at its shape),
+                                                   and with the fused loss pass added: how
+                                                   far the MFU above is from this machine's limit
     train.bf16_loss_rel_diff                       loss curves of `train()` in fp32 vs the best
                                                    settings: max relative difference per step;
     train.seed_loss_rel_diff                       the same for two fp32 runs from different
@@ -73,6 +78,7 @@ from minigpt.flops import flops_per_token, matmul_flops_per_s
 from minigpt.generate import generate
 from minigpt.model import GPTModel
 from minigpt.io import write_json_atomic
+from minigpt.losses import fused_loss_and_logit_grad
 from minigpt.train import LanguageModelLoss, build_optimizer, train, train_step
 from minigpt.utils import compiled, eval_mode, retain_freed_memory
 
@@ -114,16 +120,21 @@ def settings_name(settings: dict[str, Any]) -> str:
     return "+".join(parts)
 
 
-def _median_rate(work: Callable[[], Any], units: float, repeats: int, warmup: int = 1) -> float:
-    """Median of `units / seconds` over `repeats` timed calls of `work`."""
+def _timings(work: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of `repeats` timed calls of `work`, after `warmup` untimed ones."""
     for _ in range(warmup):
         work()
-    rates = []
+    seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
         work()
-        rates.append(units / (time.perf_counter() - start))
-    return statistics.median(rates)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _median_rate(work: Callable[[], Any], units: float, repeats: int, warmup: int = 1) -> float:
+    """Median of `units / seconds` over `repeats` timed calls of `work`."""
+    return statistics.median(units / t for t in _timings(work, repeats, warmup))
 
 
 def _random_batch(batch: int, length: int, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,6 +302,54 @@ def measure_train_steps(candidates: list[dict[str, Any]], rounds: int, warmup: i
     ]
 
 
+def _matmul_seconds(a_shape: tuple[int, int], b_shape: tuple[int, int], repeats: int, *, a_t: bool = False,
+                    b_t: bool = False, batch: tuple[int, ...] = ()) -> float:
+    """Best time of `a @ b` in bf16 for `a (..., m, k)`, `b (..., k, n)`; `a_t`/`b_t`: that
+    operand is a transposed view, as the trainer's backward passes hand it to the kernel."""
+    gen = torch.Generator().manual_seed(0)
+
+    def operand(shape: tuple[int, int], transposed: bool) -> torch.Tensor:
+        stored = torch.randn(*batch, *(shape[::-1] if transposed else shape), generator=gen).bfloat16()
+        return stored.mT if transposed else stored
+
+    a, b = operand(a_shape, a_t), operand(b_shape, b_t)
+    return min(_timings(lambda: a @ b, repeats, warmup=2))
+
+
+def mfu_bound(shape: tuple[str, int, int], peak_gflops: float, repeats: int = 8) -> dict[str, float]:
+    """The MFU a bf16 training step of a (preset, context, batch) model could reach if
+    everything but its matmuls took no time: each matmul of the step (blocks, attention, the
+    chunked head in its real layouts) timed alone at its shape, best of `repeats`,
+    cache-warm. `matmuls_and_loss` adds the fused softmax/gradient pass over the logits."""
+    preset, context, batch = shape
+    model = GPTModel.from_preset(preset, context_length=context)
+    e, vocab, heads = model.cfg.emb_dim, model.cfg.vocab_size, model.cfg.n_heads
+    tokens, chunk = context * batch, min(CHUNK, context * batch)
+    # The head per chunk (losses.LinearCrossEntropy): logits, hidden gradient, weight gradient^T.
+    head = tokens / chunk * (_matmul_seconds((chunk, e), (e, vocab), repeats, b_t=True)
+                             + _matmul_seconds((chunk, vocab), (vocab, e), repeats)
+                             + _matmul_seconds((e, chunk), (chunk, vocab), repeats, a_t=True))
+    # Each linear layer of a block: forward x W^T, input gradient dY W, weight gradient dY^T x.
+    block = sum(_matmul_seconds((tokens, d_in), (d_in, d_out), repeats, b_t=True)
+                + _matmul_seconds((tokens, d_out), (d_out, d_in), repeats)
+                + _matmul_seconds((d_out, tokens), (tokens, d_in), repeats, a_t=True)
+                for d_in, d_out in ((e, 3 * e), (e, e), (e, 4 * e), (4 * e, e)))
+    # Attention: q k^T and weights @ v, each once forward and twice backward.
+    head_dim, bh = e // heads, (batch * heads,)
+    block += 3 * (_matmul_seconds((context, head_dim), (head_dim, context), repeats, batch=bh)
+                  + _matmul_seconds((context, context), (context, head_dim), repeats, batch=bh))
+    matmuls = head + model.cfg.n_layers * block
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(chunk, vocab, generator=gen).bfloat16()
+    targets = torch.randint(0, vocab, (chunk,), generator=gen)
+    fused_loss = fused_loss_and_logit_grad("cpu")
+    row_scale = torch.full((chunk,), 1 / tokens)
+    loss = tokens / chunk * min(_timings(lambda: fused_loss(logits, targets, row_scale), repeats, warmup=2))
+    step_gflop = flops_per_token(model, context) * tokens / 1e9
+    return {"matmuls": round(step_gflop / matmuls / peak_gflops, 3),
+            "matmuls_and_loss": round(step_gflop / (matmuls + loss) / peak_gflops, 3)}
+
+
 def markov_tokens(n_tokens: int, vocab: int, seed: int = 0, states: int = 2048,
                   successors: int = 4) -> torch.Tensor:
     """A learnable token stream: a random sparse Markov chain over `states` token ids.
@@ -391,6 +450,9 @@ def bench_train(quick: bool, hw: dict[str, Any], log: Callable[[str], None] = pr
     else:
         raise RuntimeError(f"MFU {highest} > 1 even against a re-measured peak "
                            f"({peaks} GFLOP/s): the machine is too busy to benchmark; run `make bench` again")
+    log("  MFU bounds: each matmul of a bf16 step alone, then the fused loss")
+    bounds = {shape[0]: mfu_bound(shape, peaks["bf16"], repeats=3 if quick else 8)
+              for shape in ((PRESET, CONTEXT, BATCH), (RUN_PRESET, RUN_CONTEXT, RUN_BATCH))}
     default = results[0]
     best = max(results, key=lambda r: r["tokens_per_s"])
     best_of = {p: max((r for r in results if r["settings"]["precision"] == p), key=lambda r: r["tokens_per_s"])
@@ -418,6 +480,7 @@ def bench_train(quick: bool, hw: dict[str, Any], log: Callable[[str], None] = pr
         "train.best_model_gflops": round(best["tokens_per_s"] * flops_token / 1e9, 1),
         "train.mfu_bf16": best_of["bf16"]["mfu"],
         "train.mfu_fp32": best_of["fp32"]["mfu"],
+        "train.mfu_bound_bf16": bounds[PRESET],
         "train.flops_per_token": flops_token,
         "train.settings": {r["name"]: {k: r[k] for k in ("tokens_per_s", "best_of_tokens_per_s", "tokens_per_s_spread",
                                                          "mfu")}
@@ -435,6 +498,7 @@ def bench_train(quick: bool, hw: dict[str, Any], log: Callable[[str], None] = pr
         "sample.bf16_greedy_agreement": greedy_agreement,
         "train.run_model": f"{RUN_PRESET}, context {RUN_CONTEXT}, batch {RUN_BATCH}",
         "train.run_model_mfu_bf16": max(r["mfu"] for r in run_results),
+        "train.run_model_mfu_bound_bf16": bounds[RUN_PRESET],
         "train.run_model_settings": {r["name"]: {k: r[k] for k in ("tokens_per_s", "tokens_per_s_spread", "mfu")}
                                      for r in run_results},
         "train.trainer_tokens_per_s": round(ref_rate, 1),
