@@ -87,3 +87,24 @@ def test_step_with_a_closure_returns_its_loss_like_any_torch_optimizer():
 
     assert opt.step(closure).item() == 120.0
     assert not torch.equal(weight.detach(), torch.ones(4, 4))
+
+
+def test_matrices_batched_by_shape_move_as_if_each_were_alone():
+    """Newton-Schulz runs on a stack of same-shaped matrices: each must still be normalised and
+    orthogonalised on its own (gradients 1e5 apart in scale, one matrix of another shape)."""
+    torch.manual_seed(0)
+    shapes, scales = [(16, 16), (16, 16), (32, 16), (16, 16)], [1.0, 1e-3, 10.0, 1e2]
+    grads = [torch.randn(shape) * scale for shape, scale in zip(shapes, scales)]
+
+    def muon_step(params, grads_):
+        opt = Muon([{"params": params, "muon": True}], lr=0.1, betas=(0.9, 0.95), lr_scale=1.0, momentum=0.0)
+        for p, g in zip(params, grads_):
+            p.grad = g.clone()
+        opt.step()
+
+    together = [torch.nn.Parameter(torch.zeros(shape)) for shape in shapes]
+    muon_step(together, grads)
+    for p, g in zip(together, grads):
+        alone = torch.nn.Parameter(torch.zeros(g.shape))
+        muon_step([alone], [g])
+        torch.testing.assert_close(p.detach(), alone.detach(), rtol=0, atol=1e-3)  # steps are ~0.025
