@@ -109,7 +109,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             total += chunk_loss
             grad_hidden[rows] = grad_logits @ w  # (chunk, emb)
             grad_weight_t += h.t() @ grad_logits  # (emb, vocab)
-        grad_weight = grad_weight_t.t().contiguous().to(weight.dtype)  # (vocab, emb)
+        grad_weight = torch.empty_like(weight).copy_(grad_weight_t.t())  # (vocab, emb), laid out as weight
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total / n_kept
 

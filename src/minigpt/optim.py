@@ -64,15 +64,15 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
             if group["muon"]:
                 self._muon_step(group, params)
-            elif params:
+            else:
                 self._adamw_step(group, params)
         return loss
 
     def _muon_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        if not params:
-            return
         lr, momentum, split = group["lr"] * group["lr_scale"], group["momentum"], group["split"]
         grads = [p.grad for p in params]
         bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
