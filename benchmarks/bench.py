@@ -68,6 +68,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,11 @@ def model_matmul_shapes(model: GPTModel, tokens: int) -> dict[str, tuple[int, in
     }
 
 
+def peak_of(runs: dict[str, list[float]]) -> float:
+    """The best repetition of the best shape: a peak is a maximum, never a median."""
+    return max(max(repetitions) for repetitions in runs.values())
+
+
 def spread(values: list[float], digits: int = 1) -> list[float]:
     """[min, median, max]: how much a timing moved between repetitions (a busy machine shows)."""
     return [round(min(values), digits), round(statistics.median(values), digits), round(max(values), digits)]
@@ -178,7 +184,7 @@ def bench_hw(quick: bool, repeats: int | None = None) -> dict[str, Any]:
         runs = {shape_name: [matmul_flops_per_s.__wrapped__(dtype, CPU, seconds=seconds, shape=shape) / 1e9
                              for _ in range(repeats)]
                 for shape_name, shape in shapes.items()}
-        out[f"hw.{name}_matmul_gflops"] = round(max(max(r) for r in runs.values()), 1)
+        out[f"hw.{name}_matmul_gflops"] = round(peak_of(runs), 1)
         out[f"hw.{name}_matmul_gflops_by_shape"] = {s: round(max(r), 1) for s, r in runs.items()}
         out[f"hw.{name}_matmul_gflops_spread"] = {s: spread(r) for s, r in runs.items()}
     return out
@@ -302,52 +308,110 @@ def measure_train_steps(candidates: list[dict[str, Any]], rounds: int, warmup: i
     ]
 
 
-def _matmul_seconds(a_shape: tuple[int, int], b_shape: tuple[int, int], repeats: int, *, a_t: bool = False,
-                    b_t: bool = False, batch: tuple[int, ...] = ()) -> float:
-    """Best time of `a @ b` in bf16 for `a (..., m, k)`, `b (..., k, n)`; `a_t`/`b_t`: that
-    operand is a transposed view, as the trainer's backward passes hand it to the kernel."""
+@dataclass(frozen=True)
+class Matmul:
+    """`count` products per training step of `a (batch, m, k) @ b (batch, k, n)`; `a_t`/`b_t`:
+    that operand is a transposed view, as the trainer's backward passes hand it to the kernel."""
+
+    m: int
+    k: int
+    n: int
+    a_t: bool = False
+    b_t: bool = False
+    batch: int = 1
+    count: float = 1.0
+
+    @property
+    def flop(self) -> float:
+        """FLOPs of one product (a multiply-add is 2)."""
+        return 2.0 * self.batch * self.m * self.k * self.n
+
+
+def step_matmuls(model: GPTModel, context: int, batch: int) -> list[Matmul]:
+    """Every matmul of one training step of `model` on `(batch, context)` tokens, forward and
+    backward, each distinct product once with the number of times the step runs it."""
+    e, vocab, heads, layers = model.cfg.emb_dim, model.cfg.vocab_size, model.cfg.n_heads, model.cfg.n_layers
+    tokens = context * batch
+    chunk = min(CHUNK, tokens)
+    chunks = tokens / chunk
+    # The head per chunk (losses.LinearCrossEntropy): logits, hidden gradient, weight gradient^T.
+    products = [Matmul(chunk, e, vocab, b_t=True, count=chunks), Matmul(chunk, vocab, e, count=chunks),
+                Matmul(e, chunk, vocab, a_t=True, count=chunks)]
+    # Each linear layer of a block: forward x W^T, input gradient dY W, weight gradient dY^T x.
+    for d_in, d_out in ((e, 3 * e), (e, e), (e, 4 * e), (4 * e, e)):
+        products += [Matmul(tokens, d_in, d_out, b_t=True, count=layers), Matmul(tokens, d_out, d_in, count=layers),
+                     Matmul(d_out, tokens, d_in, a_t=True, count=layers)]
+    # Attention: q k^T and weights @ v, each once forward and twice backward.
+    head_dim = e // heads
+    products += [Matmul(context, head_dim, context, batch=batch * heads, count=3 * layers),
+                 Matmul(context, context, head_dim, batch=batch * heads, count=3 * layers)]
+    return products
+
+
+def matmul_seconds(product: Matmul, repeats: int) -> float:
+    """Best time of one `product` in bf16, cache-warm."""
     gen = torch.Generator().manual_seed(0)
 
-    def operand(shape: tuple[int, int], transposed: bool) -> torch.Tensor:
-        stored = torch.randn(*batch, *(shape[::-1] if transposed else shape), generator=gen).bfloat16()
+    def operand(rows: int, cols: int, transposed: bool) -> torch.Tensor:
+        batch = (product.batch,) if product.batch > 1 else ()  # a plain product stays a 2-D mm, not a bmm
+        stored = torch.randn(*batch, *((cols, rows) if transposed else (rows, cols)), generator=gen).bfloat16()
         return stored.mT if transposed else stored
 
-    a, b = operand(a_shape, a_t), operand(b_shape, b_t)
+    a, b = operand(product.m, product.k, product.a_t), operand(product.k, product.n, product.b_t)
     return min(_timings(lambda: a @ b, repeats, warmup=2))
 
 
-def mfu_bound(shape: tuple[str, int, int], peak_gflops: float, repeats: int = 8) -> dict[str, float]:
+def fused_loss_seconds(rows: int, vocab: int, tokens: int, repeats: int) -> float:
+    """Best time of the fused softmax/logit-gradient pass over one chunk of `rows` bf16 logits."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(rows, vocab, generator=gen).bfloat16()
+    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    fused_loss = fused_loss_and_logit_grad("cpu")
+    row_scale = torch.full((rows,), 1 / tokens)
+    return min(_timings(lambda: fused_loss(logits, targets, row_scale), repeats, warmup=2))
+
+
+def mfu_bound(shape: tuple[str, int, int], peak_gflops: float, repeats: int = 8,
+              time_matmul: Callable[[Matmul, int], float] = matmul_seconds,
+              time_loss: Callable[[int, int, int, int], float] = fused_loss_seconds) -> dict[str, float]:
     """The MFU a bf16 training step of a (preset, context, batch) model could reach if
-    everything but its matmuls took no time: each matmul of the step (blocks, attention, the
-    chunked head in its real layouts) timed alone at its shape, best of `repeats`,
-    cache-warm. `matmuls_and_loss` adds the fused softmax/gradient pass over the logits."""
+    everything but its matmuls took no time: each matmul of the step (`step_matmuls`)
+    timed alone at its shape, best of `repeats`. `matmuls_and_loss` adds the fused
+    softmax/gradient pass over the logits. The timers are arguments so that the
+    arithmetic can be checked on given timings."""
     preset, context, batch = shape
     model = GPTModel.from_preset(preset, context_length=context)
-    e, vocab, heads = model.cfg.emb_dim, model.cfg.vocab_size, model.cfg.n_heads
-    tokens, chunk = context * batch, min(CHUNK, context * batch)
-    # The head per chunk (losses.LinearCrossEntropy): logits, hidden gradient, weight gradient^T.
-    head = tokens / chunk * (_matmul_seconds((chunk, e), (e, vocab), repeats, b_t=True)
-                             + _matmul_seconds((chunk, vocab), (vocab, e), repeats)
-                             + _matmul_seconds((e, chunk), (chunk, vocab), repeats, a_t=True))
-    # Each linear layer of a block: forward x W^T, input gradient dY W, weight gradient dY^T x.
-    block = sum(_matmul_seconds((tokens, d_in), (d_in, d_out), repeats, b_t=True)
-                + _matmul_seconds((tokens, d_out), (d_out, d_in), repeats)
-                + _matmul_seconds((d_out, tokens), (tokens, d_in), repeats, a_t=True)
-                for d_in, d_out in ((e, 3 * e), (e, e), (e, 4 * e), (4 * e, e)))
-    # Attention: q k^T and weights @ v, each once forward and twice backward.
-    head_dim, bh = e // heads, (batch * heads,)
-    block += 3 * (_matmul_seconds((context, head_dim), (head_dim, context), repeats, batch=bh)
-                  + _matmul_seconds((context, context), (context, head_dim), repeats, batch=bh))
-    matmuls = head + model.cfg.n_layers * block
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(chunk, vocab, generator=gen).bfloat16()
-    targets = torch.randint(0, vocab, (chunk,), generator=gen)
-    fused_loss = fused_loss_and_logit_grad("cpu")
-    row_scale = torch.full((chunk,), 1 / tokens)
-    loss = tokens / chunk * min(_timings(lambda: fused_loss(logits, targets, row_scale), repeats, warmup=2))
+    tokens = context * batch
+    chunk = min(CHUNK, tokens)
+    matmuls = sum(product.count * time_matmul(product, repeats) for product in step_matmuls(model, context, batch))
+    loss = tokens / chunk * time_loss(chunk, model.cfg.vocab_size, tokens, repeats)
     step_gflop = flops_per_token(model, context) * tokens / 1e9
-    return {"matmuls": round(step_gflop / matmuls / peak_gflops, 3),
-            "matmuls_and_loss": round(step_gflop / (matmuls + loss) / peak_gflops, 3)}
+    return {"matmuls": step_gflop / matmuls / peak_gflops, "matmuls_and_loss": step_gflop / (matmuls + loss) / peak_gflops}
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_gflops: float) -> float:
+    """Model FLOP/s over the peak: the share of the machine a training step uses."""
+    return tokens_per_s * flops_per_token / (peak_gflops * 1e9)
+
+
+def set_mfus(results: list[dict[str, Any]], peaks: dict[str, float], remeasure: Callable[[], dict[str, float]],
+             log: Callable[[str], None] = print) -> dict[str, float]:
+    """Give each result its MFU against the peak of its precision, and return the peaks used.
+
+    An MFU above 1 is more than the machine can do: the peak was measured while it was
+    busy. The peaks are measured again (`remeasure`, keeping the higher of old and new);
+    still above 1, the bench fails rather than report it."""
+    for _ in range(2):
+        for r in results:
+            r["mfu"] = round(mfu(r["tokens_per_s"], r["flops_per_token"], peaks[r["settings"]["precision"]]), 3)
+        highest = max(r["mfu"] for r in results)
+        if highest <= 1.0:
+            return peaks
+        log(f"  MFU {highest} > 1: the matmul peak was measured on a busy machine; re-measuring it")
+        remeasured = remeasure()
+        peaks = {p: max(peaks[p], remeasured[p]) for p in peaks}
+    raise RuntimeError(f"MFU {highest} > 1 even against a re-measured peak "
+                       f"({peaks} GFLOP/s): the machine is too busy to benchmark; run `make bench` again")
 
 
 def markov_tokens(n_tokens: int, vocab: int, seed: int = 0, states: int = 2048,
@@ -437,21 +501,15 @@ def bench_train(quick: bool, hw: dict[str, Any], log: Callable[[str], None] = pr
     flops_token = results[0]["flops_per_token"]
     peaks = {p: hw.get(f"hw.{p}_matmul_gflops") or matmul_flops_per_s(
         torch.float32 if p == "fp32" else torch.bfloat16, CPU, size=2048) / 1e9 for p in ("fp32", "bf16")}
-    for attempt in range(2):
-        for r in results + run_results:
-            r["mfu"] = round(r["tokens_per_s"] * r["flops_per_token"] / (peaks[r["settings"]["precision"]] * 1e9), 3)
-        highest = max(r["mfu"] for r in results + run_results)
-        if highest <= 1.0:
-            break
-        # More than the machine can do: the peak was measured while it was busy. Measure again.
-        log(f"  MFU {highest} > 1: the matmul peak was measured on a busy machine; re-measuring it")
+
+    def remeasure() -> dict[str, float]:
         remeasured = bench_hw(quick, repeats=8)
-        peaks = {p: max(peaks[p], remeasured[f"hw.{p}_matmul_gflops"]) for p in peaks}
-    else:
-        raise RuntimeError(f"MFU {highest} > 1 even against a re-measured peak "
-                           f"({peaks} GFLOP/s): the machine is too busy to benchmark; run `make bench` again")
+        return {p: remeasured[f"hw.{p}_matmul_gflops"] for p in peaks}
+
+    peaks = set_mfus(results + run_results, peaks, remeasure, log)
     log("  MFU bounds: each matmul of a bf16 step alone, then the fused loss")
-    bounds = {shape[0]: mfu_bound(shape, peaks["bf16"], repeats=3 if quick else 8)
+    bounds = {shape[0]: {name: round(value, 3) for name, value in mfu_bound(shape, peaks["bf16"],
+                                                                             repeats=3 if quick else 8).items()}
               for shape in ((PRESET, CONTEXT, BATCH), (RUN_PRESET, RUN_CONTEXT, RUN_BATCH))}
     default = results[0]
     best = max(results, key=lambda r: r["tokens_per_s"])
