@@ -22,8 +22,10 @@ SWEEP ?= -S data=shakespeare-mini -S train.max_steps=200 -S 'train.lr=1e-3,2e-3'
 UI_PORT ?= 5000
 # One experiment per line of -S overrides; see the file's header.
 RECIPE_SWEEP ?= conf/sweeps/recipe.txt
+FINETUNE_SWEEP ?= conf/sweeps/finetune.txt
+FINETUNE_SEEDS ?= 123,124,125
 
-.PHONY: help setup test test-fast run params sweep sweep-recipe compare ui notebooks notebooks-clear bench bench-quick clean distclean
+.PHONY: help setup test test-fast run params sweep sweep-recipe sweep-finetune compare ui notebooks notebooks-clear bench bench-quick headline clean distclean
 
 help:
 	@echo "make setup      create .venv, install torch (CPU) + minigpt[pipeline,dev], cache the tokenizer"
@@ -33,11 +35,13 @@ help:
 	@echo "make params     compose conf/ into params.yaml (what dvc exp run does)"
 	@echo "make sweep      queue a small hyper-parameter sweep and run it 2 at a time"
 	@echo "make sweep-recipe  the sweep that chose make run's recipe, one run at a time (hours)"
+	@echo "make sweep-finetune  the sweep that chose the default finetune recipe, 3 seeds a candidate (~1 h)"
 	@echo "make compare    the latest sweep's runs: differing params + scores -> reports/compare.{md,png}"
 	@echo "make ui         MLflow UI on the local store at http://127.0.0.1:$(UI_PORT)"
 	@echo "make notebooks  run notebooks/*.ipynb in place (after make run); make notebooks-clear before committing"
 	@echo "make bench      run the benchmarks (~15 min) -> reports/bench.json"
 	@echo "make bench-quick  a ~3-minute smoke of them -> reports/bench-quick.json"
+	@echo "make headline   make run on a fresh clone: every number the README quotes vs benchmarks/headline.json"
 	@echo "make clean      remove caches and build leftovers (keeps .venv, data, runs)"
 	@echo "make distclean  clean + remove .venv"
 
@@ -84,6 +88,19 @@ sweep-recipe: $(STAMP)
 	dvc queue status
 	$(PY) -m pipeline.compare
 
+# Each line is one finetune candidate, queued once per seed (FINETUNE_SEEDS): a 224-message test
+# split moves 0.45% per message, so a candidate is its mean over seeds. The pretrained model is
+# trained once, here, and each queued experiment restores it from the DVC cache.
+sweep-finetune: $(STAMP)
+	$(PY) -m pipeline.run
+	dvc repro finetune_prepare
+	grep -Ev '^[[:space:]]*(#|$$)' $(FINETUNE_SWEEP) | while read -r overrides; do \
+	  dvc exp run --queue finetune_evaluate $$overrides -S 'finetune.train.seed=$(FINETUNE_SEEDS)' || exit 1; done
+	MINIGPT_SWEEP=finetune-$$(date +%Y%m%d-%H%M%S) dvc queue start -j 2
+	@while dvc queue status | grep -qE 'Queued|Running'; do sleep 15; done
+	dvc queue status
+	$(PY) -m pipeline.compare --stage finetune --mean-over finetune.train.seed
+
 # COMPARE='--all' or COMPARE='RUN_ID RUN_ID' or COMPARE='--stage finetune' (see python -m pipeline.compare -h)
 compare: $(STAMP)
 	$(PY) -m pipeline.compare $(COMPARE)
@@ -106,6 +123,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) -m benchmarks.bench --quick --out reports/bench-quick.json
+
+# Minutes of training in a fresh clone of HEAD: a benchmark, not a test (see benchmarks/headline.py).
+headline: $(STAMP)
+	$(PY) -m benchmarks.headline $(HEADLINE_ARGS)
 
 clean:
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +

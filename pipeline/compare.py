@@ -5,6 +5,8 @@
     python -m pipeline.compare --filter "params.train.lr > '0.001'"
     python -m pipeline.compare RUN_ID RUN_ID ...    # these runs
     python -m pipeline.compare --stage finetune     # finetune runs (sorted by test accuracy)
+    python -m pipeline.compare --stage finetune --mean-over finetune.train.seed
+                                                    # one row per candidate: scores averaged over seeds
 
 Writes reports/compare.md (the params that differ between the runs + their scores, best
 first) and reports/compare.png (their val-loss and train-loss curves overlaid), and prints
@@ -69,6 +71,30 @@ def comparison_table(runs: pd.DataFrame, stage: str) -> pd.DataFrame:
     return table.sort_values(scores[0], ascending=ascending) if scores else table
 
 
+def mean_over(table: pd.DataFrame, param: str, stage: str) -> pd.DataFrame:
+    """One row per candidate, i.e. per combination of the other differing params: its scores
+    averaged over the runs that differ only in `param` (e.g. a seed), the per-run values
+    beside them (`<score> per <param>`), and how many runs each mean is of."""
+    if param not in table:
+        raise StageError(f"--mean-over {param}: the compared runs do not differ in params.{param}")
+    scores, ascending = SCORES[stage]
+    scores = [s for s in scores if s in table]
+    keys = [c for c in table.columns if c not in ("run", "run_id", param, *scores, "train_seconds", "tokens_per_s")]
+    ordered = table.sort_values(param, key=lambda column: pd.to_numeric(column, errors="coerce"))
+    groups = ordered.groupby(keys, dropna=False, sort=False) if keys else [((), ordered)]
+    rows = []
+    for values, group in groups:
+        row = dict(zip(keys, values if isinstance(values, tuple) else (values,)))
+        row["runs"] = len(group)
+        for score in scores:
+            row[score] = round(group[score].mean(), 4)
+        if scores:  # the first score per run, in the order of `param`
+            row[f"{scores[0]} per {param.split('.')[-1]}"] = " ".join(f"{v:.4f}" for v in group[scores[0]])
+        rows.append(row)
+    means = pd.DataFrame(rows)
+    return means.sort_values(scores[0], ascending=ascending) if scores else means
+
+
 def plot_curves(client: MlflowClient, runs: pd.DataFrame, path: Path) -> None:
     """val_loss (points) and train_loss (lines) over steps, one colour per run."""
     from matplotlib.figure import Figure
@@ -99,6 +125,8 @@ def main() -> None:
     parser.add_argument("--all", action="store_true", help="every run of the stage")
     parser.add_argument("--filter", default="", help="an MLflow search filter, e.g. \"params.train.lr = '0.001'\"")
     parser.add_argument("--stage", choices=sorted(SCORES), default="pretrain")
+    parser.add_argument("--mean-over", metavar="PARAM", help="average the scores over runs differing only in "
+                                                            "this param, e.g. finetune.train.seed")
     args = parser.parse_args(sys.argv[1:])
 
     tracking = load_config("tracking").tracking
@@ -112,6 +140,8 @@ def main() -> None:
         raise StageError(f"no {args.stage} run in experiment {tracking.experiment!r} matches {stage_filter!r}")
     runs = select_runs(runs, args.run_ids, args.all)
     table = comparison_table(runs, args.stage)
+    if args.mean_over:
+        table = mean_over(table, args.mean_over, args.stage)
     markdown = table.to_markdown(index=False)
     write_text_atomic(COMPARE_MD, f"# {len(table)} {args.stage} runs of `{tracking.experiment}`\n\n"
                                   f"Params that differ, and scores (best first).\n\n{markdown}\n")

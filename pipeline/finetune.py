@@ -39,7 +39,8 @@ OUTPUTS = Outputs(paths.FINETUNE_CHECKPOINTS, paths.FINETUNE_CURVE, paths.FINETU
 def task_model(ft: FinetuneConfig, backbone: GPTModel) -> torch.nn.Module:
     """The backbone with the task's head (classification) or as it is (instruction), frozen
     as `trainable` says."""
-    model = SequenceClassifier(backbone, len(ft.data.classes)) if ft.task == "classification" else backbone
+    model = (SequenceClassifier(backbone, len(ft.data.classes), ft.pooling) if ft.task == "classification"
+             else backbone)
     set_trainable(model, ft.trainable)
     return model
 

@@ -28,9 +28,9 @@ from train_helpers import base_config, tiny_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _classifier(n_classes: int = 3, **overrides) -> SequenceClassifier:
+def _classifier(n_classes: int = 3, pooling: str = "last", **overrides) -> SequenceClassifier:
     """A tiny GPT-2-vocabulary backbone (it must know end-of-text, the padding id) and a head."""
-    return SequenceClassifier(tiny_model(vocab_size=N_VOCAB, **overrides), n_classes)
+    return SequenceClassifier(tiny_model(vocab_size=N_VOCAB, **overrides), n_classes, pooling)
 
 
 def _rows(n: int, n_classes: int = 3, seed: int = 0) -> list[dict]:
@@ -44,8 +44,9 @@ def _rows(n: int, n_classes: int = 3, seed: int = 0) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- model
-def test_padding_never_changes_a_prediction():
-    model = _classifier().eval()
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_padding_never_changes_a_prediction(pooling):
+    model = _classifier(pooling=pooling).eval()
     rows = [{"ids": [5, 6, 7], "label_id": 0}, {"ids": [9, 8, 7, 6, 5, 4, 3], "label_id": 1},
             {"ids": [11], "label_id": 2}]
     with torch.no_grad():
@@ -55,6 +56,21 @@ def test_padding_never_changes_a_prediction():
     torch.testing.assert_close(padded, alone, rtol=0, atol=1e-6)
     torch.testing.assert_close(other_pad, alone, rtol=0, atol=1e-6)
     assert not torch.allclose(alone[0], alone[1])  # the rows do get different logits
+
+
+def test_mean_pooling_reads_the_mean_of_the_real_tokens_features():
+    torch.manual_seed(0)
+    model = _classifier(pooling="mean").eval()
+    idx, lengths, _ = collate_classification([{"ids": [5, 6, 7], "label_id": 0}, {"ids": [9, 8], "label_id": 1}])
+    with torch.no_grad():
+        hidden = model.backbone.hidden_states(idx)  # (2, 3, emb)
+        expected = model.head(torch.stack([hidden[0, :3].mean(0), hidden[1, :2].mean(0)]))
+        torch.testing.assert_close(model(idx, lengths), expected)
+        last = SequenceClassifier(model.backbone, 3, "last")
+        last.head.load_state_dict(model.head.state_dict())
+        assert not torch.allclose(last(idx, lengths), expected)  # the two poolings do differ
+    with pytest.raises(ValueError, match="pooling must be 'last' or 'mean', got 'max'"):
+        SequenceClassifier(model.backbone, 3, "max")
 
 
 def test_collate_pads_to_the_longest_row_and_keeps_lengths_and_labels():

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -55,3 +56,24 @@ def test_compare_lists_the_latest_sweep_best_first_with_only_the_params_that_dif
     bad = subprocess.run([sys.executable, "-m", "pipeline.compare", "0123456789abcdef"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and bad.stderr.strip().endswith("compare: error: no such run in the experiment: 0123456789abcdef")
+
+
+def test_mean_over_seeds_gives_one_row_per_candidate_best_mean_first():
+    import pandas as pd
+
+    from pipeline.common import StageError
+    from pipeline.compare import mean_over
+
+    table = pd.DataFrame({
+        "run": list("abcdef"), "run_id": list("123456"),
+        "finetune.train.lr": ["1e-4"] * 3 + ["5e-4"] * 3,
+        "finetune.train.seed": ["124", "123", "125"] * 2,
+        "test_accuracy": [0.96, 0.95, 0.97, 0.92, 0.93, 0.91],
+        "test_macro_f1": [0.9, 0.9, 0.9, 0.8, 0.8, 0.8],
+    })
+    means = mean_over(table, "finetune.train.seed", "finetune")
+    assert list(means["finetune.train.lr"]) == ["1e-4", "5e-4"] and list(means["runs"]) == [3, 3]
+    assert list(means["test_accuracy"]) == [0.96, 0.92]
+    assert list(means["test_accuracy per seed"]) == ["0.9500 0.9600 0.9700", "0.9300 0.9200 0.9100"]  # seeds 123..125
+    with pytest.raises(StageError, match="--mean-over train.lr: the compared runs do not differ in params.train.lr"):
+        mean_over(table, "train.lr", "finetune")

@@ -78,14 +78,16 @@ def test_bad_values_are_named(override, message):
     assert message in format_validation_error(err.value)
 
 
-def test_every_recipe_sweep_candidate_composes_and_validates():
-    """`make sweep-recipe` queues one experiment per line of -S overrides: each must compose."""
-    lines = [line.strip() for line in (CONF / "sweeps" / "recipe.txt").read_text().splitlines()]
+@pytest.mark.parametrize("sweep", ["recipe.txt", "finetune.txt"])
+def test_every_sweep_candidate_composes_and_validates(sweep):
+    """`make sweep-recipe` / `make sweep-finetune` queue one experiment per line of -S overrides
+    (the finetune sweep once per seed): each must compose, and no two lines be the same."""
+    lines = [line.strip() for line in (CONF / "sweeps" / sweep).read_text().splitlines()]
     candidates = [shlex.split(line) for line in lines if line and not line.startswith("#")]
-    assert len(candidates) >= 4
+    assert len(candidates) >= 4 and len({tuple(c) for c in candidates}) == len(candidates)
     for args in candidates:
-        assert args[::2] == ["-S"] * (len(args) // 2), f"conf/sweeps/recipe.txt: expected -S key=value pairs: {args}"
-        PipelineConfig.model_validate(compose(*args[1::2]))
+        assert args[::2] == ["-S"] * (len(args) // 2), f"conf/sweeps/{sweep}: expected -S key=value pairs: {args}"
+        PipelineConfig.model_validate(compose(*args[1::2], "finetune.train.seed=124"))
 
 
 def test_bench_measures_the_model_make_run_trains():

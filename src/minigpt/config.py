@@ -315,6 +315,8 @@ class FinetuneConfig(StrictModel):
                       description="'pretrain' (this pipeline's best checkpoint) or a directory of HF GPT-2 weights")
     trainable: Literal["head", "last_block", "all"] = Field(
         "last_block", description="which parameters receive gradients (the new head always does)")
+    pooling: Literal["last", "mean"] = Field(
+        "last", description="classification: features of the last real token, or the mean over real tokens")
     data: TaskDataConfig
     max_length: int | None = Field(None, gt=0, description="tokens per example; null = the longest, "
                                                            "up to the model's context_length")

@@ -1,11 +1,14 @@
-"""Sequence classification: a class head on the pretrained model's last real token.
+"""Sequence classification: a class head on the pretrained model's features of a text.
 
 A causal model's feature at position t has seen tokens 0..t, so the last real
-token of a text is the one that has read all of it. Batches are right-padded with
-end-of-text to their longest row and carry each row's length; the classifier
-reads position `length - 1`. Padding sits after that position, and causal
-attention never lets a position see later ones, so padding cannot change a
-prediction (up to float rounding): no attention mask is needed.
+token of a text is the one that has read all of it (`pooling="last"`, LLMs-from-scratch's
+choice); `pooling="mean"` averages the features of every real token instead, so each
+token's view of its prefix votes. On the default run (gpt2-tiny pretrained on
+Shakespeare, spam) mean pooling is the better feature: `make sweep-finetune`'s table
+in the README. Batches are right-padded with end-of-text to their longest row and
+carry each row's length; only positions before `length` are read. Padding sits after
+them, and causal attention never lets a position see later ones, so padding cannot
+change a prediction (up to float rounding): no attention mask is needed.
 
 Training plugs into `minigpt.train.train` with `loss_fn=ClassificationLoss()` and
 loaders from `create_task_loader(rows, batch_size, collate_classification, ...)`.
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -30,6 +33,9 @@ from minigpt.tokenizer import EOT_ID
 from minigpt.utils import eval_mode
 
 
+Pooling = Literal["last", "mean"]
+
+
 class SequenceClassifier(nn.Module):
     """A pretrained `GPTModel` (`backbone`) with a new linear head (`head`) on its final features.
 
@@ -39,11 +45,14 @@ class SequenceClassifier(nn.Module):
     `set_trainable`.
     """
 
-    def __init__(self, backbone: GPTModel, n_classes: int) -> None:
+    def __init__(self, backbone: GPTModel, n_classes: int, pooling: Pooling = "last") -> None:
         super().__init__()
         if n_classes < 2:
             raise ValueError(f"n_classes must be >= 2, got {n_classes}")
+        if pooling not in ("last", "mean"):
+            raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
         self.backbone = backbone
+        self.pooling = pooling
         self.head = nn.Linear(backbone.cfg.emb_dim, n_classes)  # emb_dim -> n_classes
         gpt2_init_(self.head)
 
@@ -56,9 +65,14 @@ class SequenceClassifier(nn.Module):
         """Class logits `(batch, n_classes)` of right-padded token ids `(batch, seq)` whose
         rows hold `lengths (batch,)` real tokens each."""
         hidden = self.backbone.hidden_states(idx)  # (batch, seq, emb_dim)
-        rows = torch.arange(idx.shape[0], device=idx.device)  # (batch,)
-        last = hidden[rows, lengths - 1]  # (batch, emb_dim): each row's last real token
-        return self.head(last)  # (batch, n_classes)
+        if self.pooling == "last":
+            rows = torch.arange(idx.shape[0], device=idx.device)  # (batch,)
+            features = hidden[rows, lengths - 1]  # (batch, emb_dim): each row's last real token
+        else:
+            real = torch.arange(idx.shape[1], device=idx.device) < lengths[:, None]  # (batch, seq)
+            summed = (hidden * real.unsqueeze(-1).to(hidden.dtype)).sum(dim=1)  # (batch, emb_dim)
+            features = summed / lengths.unsqueeze(-1).to(hidden.dtype)  # (batch, emb_dim): mean of real tokens
+        return self.head(features)  # (batch, n_classes)
 
     def num_parameters(self, exclude_position_embeddings: bool = False) -> int:
         """Unique parameters the classifier computes with (see the class docstring)."""
