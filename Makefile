@@ -88,17 +88,16 @@ sweep-recipe: $(STAMP)
 	dvc queue status
 	$(PY) -m pipeline.compare
 
-# Each line is one finetune candidate, queued once per seed (FINETUNE_SEEDS): a 224-message test
-# split moves 0.45% per message, so a candidate is its mean over seeds. The pretrained model is
-# trained once, here, and each queued experiment restores it from the DVC cache.
+# Each line is one finetune candidate, run once per seed (FINETUNE_SEEDS): a 224-message test
+# split moves 0.45% per message, so a candidate is its mean over seeds. The runs are workspace
+# experiments, one after the other: a queued one would train the model again, since its temporary
+# copy lacks the pretrain stage's uncached reports (reports/mlflow_run.json, train.json).
 sweep-finetune: $(STAMP)
-	$(PY) -m pipeline.run
 	dvc repro finetune_prepare
+	export MINIGPT_SWEEP=finetune-$$(date +%Y%m%d-%H%M%S); \
 	grep -Ev '^[[:space:]]*(#|$$)' $(FINETUNE_SWEEP) | while read -r overrides; do \
-	  dvc exp run --queue finetune_evaluate $$overrides -S 'finetune.train.seed=$(FINETUNE_SEEDS)' || exit 1; done
-	MINIGPT_SWEEP=finetune-$$(date +%Y%m%d-%H%M%S) dvc queue start -j 2
-	@while dvc queue status | grep -qE 'Queued|Running'; do sleep 15; done
-	dvc queue status
+	  for seed in $$(echo $(FINETUNE_SEEDS) | tr , ' '); do \
+	    dvc exp run finetune_evaluate $$overrides -S finetune.train.seed=$$seed </dev/null || exit 1; done; done
 	$(PY) -m pipeline.compare --stage finetune --mean-over finetune.train.seed
 
 # COMPARE='--all' or COMPARE='RUN_ID RUN_ID' or COMPARE='--stage finetune' (see python -m pipeline.compare -h)
