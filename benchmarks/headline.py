@@ -94,7 +94,9 @@ def compare(expected: list[Expected], measured: dict[str, float]) -> list[dict[s
 def table(rows: list[dict[str, Any]]) -> str:
     """The rows as a Markdown table (what a closing note quotes)."""
     def show(value: float | None) -> str:
-        return "missing" if value is None else f"{value:.4f}".rstrip("0").rstrip(".")
+        if value is None:
+            return "missing"
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.4f}".rstrip("0").rstrip(".")
 
     lines = ["| number | expected | allowed | measured | |", "|:--|--:|:--|--:|:--|"]
     lines += [f"| {r['name']} | {show(r['expected'])} | {r['allowed']} | {show(r['measured'])} | "
