@@ -1,4 +1,4 @@
-"""Classification finetuning: last-real-token classifier, batches, loss, exact resume, metrics, plot."""
+"""Classification finetuning: the classifier (last-token and mean pooling), batches, loss, exact resume, metrics, plot."""
 
 from __future__ import annotations
 
