@@ -35,7 +35,7 @@ help:
 	@echo "make params     compose conf/ into params.yaml (what dvc exp run does)"
 	@echo "make sweep      queue a small hyper-parameter sweep and run it 2 at a time"
 	@echo "make sweep-recipe  the sweep that chose make run's recipe, one run at a time (hours)"
-	@echo "make sweep-finetune  the sweep that chose the default finetune recipe, 3 seeds a candidate (~1 h)"
+	@echo "make sweep-finetune  the sweep that chose the default finetune, 3 seeds a candidate (~25 min)"
 	@echo "make compare    the latest sweep's runs: differing params + scores -> reports/compare.{md,png}"
 	@echo "make ui         MLflow UI on the local store at http://127.0.0.1:$(UI_PORT)"
 	@echo "make notebooks  run notebooks/*.ipynb in place (after make run); make notebooks-clear before committing"
