@@ -25,10 +25,10 @@ RECIPE_SWEEP ?= conf/sweeps/recipe.txt
 FINETUNE_SWEEP ?= conf/sweeps/finetune.txt
 FINETUNE_SEEDS ?= 123,124,125
 
-.PHONY: help setup test test-fast run params sweep sweep-recipe sweep-finetune compare ui notebooks notebooks-clear bench bench-quick headline clean distclean
+.PHONY: help setup test test-fast run params sweep sweep-recipe sweep-finetune compare ui notebooks notebooks-clear bench bench-quick headline stack stack-down stack-status clean distclean
 
 help:
-	@echo "make setup      create .venv, install torch (CPU) + minigpt[pipeline,dev], cache the tokenizer"
+	@echo "make setup      create .venv, install torch (CPU) + minigpt[pipeline,team,dev], cache the tokenizer"
 	@echo "make test       full test suite (PYTEST_ARGS='...' to pass options)"
 	@echo "make test-fast  tests not marked slow"
 	@echo "make run        run the pipeline (dvc repro) on the default corpus"
@@ -42,6 +42,8 @@ help:
 	@echo "make bench      run the benchmarks (~15 min) -> reports/bench.json"
 	@echo "make bench-quick  a ~3-minute smoke of them -> reports/bench-quick.json"
 	@echo "make headline   make run on a fresh clone: every number the README quotes vs benchmarks/headline.json"
+	@echo "make stack      start the team stack: PostgreSQL + S3 (SeaweedFS) + MLflow server, state in .stack/"
+	@echo "make stack-status  each service's health;  make stack-down  stop them all"
 	@echo "make clean      remove caches and build leftovers (keeps .venv, data, runs)"
 	@echo "make distclean  clean + remove .venv"
 
@@ -126,6 +128,17 @@ bench-quick: $(STAMP)
 # Minutes of training in a fresh clone of HEAD: a benchmark, not a test (see benchmarks/headline.py).
 headline: $(STAMP)
 	$(PY) -m benchmarks.headline $(HEADLINE_ARGS)
+
+# The team stack (scripts/stack.py; README "Team setup"): STACK_DIR, STACK_PG_PORT, STACK_S3_PORT and
+# STACK_MLFLOW_PORT configure it. `make stack` prints what to export; it starts nothing twice.
+stack: $(STAMP)
+	@$(PY) scripts/stack.py up
+
+stack-down: $(STAMP)
+	@$(PY) scripts/stack.py down
+
+stack-status: $(STAMP)
+	@$(PY) scripts/stack.py status
 
 clean:
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +

@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterable, Mapping
@@ -158,21 +159,37 @@ def log_results(scores: Mapping[str, Any], counts: Mapping[str, Any]) -> None:
 
 
 class MetricLogger:
-    """Training-loop callback: buffers records and writes them in batches.
+    """Training-loop callback: buffers records and sends them in batches from a thread of its own.
 
     Each key is one series over `step`. Counts and quantities a chart of the loss does not
     need are left out (`tokens` grows with the step; `best_val_loss` and `val_perplexity`
     restate `val_loss`): one val-loss series, so the UI's charts lead with the losses.
-    `replay(history)` logs records of an earlier execution (a run continued in a new
-    MLflow run), so that run's charts show the whole training."""
+
+    Sending never blocks the loop: a tracking server that is down for a while (restarted, or
+    its database restarting) delays the points, it does not stop training. The sender keeps
+    the undelivered batches and tries again (MLflow's client retries each request with backoff
+    too); `close` waits a bounded time for the last ones. A batch sent twice (its answer lost
+    with the server) is harmless: the store drops identical points. `skip` holds the (key, step)
+    points the run already has (a reopened run): they are not sent again.
+    """
 
     SKIPPED = ("kind", "step", "tokens", "best_val_loss", "val_perplexity")
+    RETRY_SECONDS = (1, 2, 4, 8)  # between our own tries; then every 8 s
 
-    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 200) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 200,
+                 skip: set[tuple[str, int]] | None = None) -> None:
         self.client = client
         self.run_id = run_id
         self.flush_every = flush_every
+        self.skip = skip or set()
         self.buffer: list[Metric] = []
+        self.pending: list[Metric] = []  # handed to the sender, not yet delivered
+        self.error: Exception | None = None  # the last failure; None once delivered again
+        self.fatal: Exception | None = None  # a refusal that retrying cannot fix
+        self._lock = threading.Condition()
+        self._closing = False
+        self._sender = threading.Thread(target=self._send_forever, name="mlflow-metrics", daemon=True)
+        self._sender.start()
 
     def __call__(self, record: Mapping[str, Any]) -> None:
         step = int(record["step"])
@@ -180,19 +197,87 @@ class MetricLogger:
         for key, value in record.items():
             if key in self.SKIPPED or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
-            self.buffer.append(Metric(key, float(value), now, step))
+            if (key, step) not in self.skip:
+                self.buffer.append(Metric(key, float(value), now, step))
         if len(self.buffer) >= self.flush_every or record.get("kind") == "eval":
             self.flush()
 
     def replay(self, history: Iterable[Mapping[str, Any]]) -> None:
+        """Log records of an earlier execution: a run continued in a new MLflow run (so its charts
+        show the whole training), or the points a reopened run lacks (sent while its server was
+        down when that execution ended)."""
         for record in history:
             self(record)
         self.flush()
 
     def flush(self) -> None:
-        while self.buffer:
-            chunk, self.buffer = self.buffer[:_MAX_METRICS_PER_BATCH], self.buffer[_MAX_METRICS_PER_BATCH:]
-            self.client.log_batch(self.run_id, metrics=chunk)
+        """Hand the buffer to the sender (returns at once)."""
+        with self._lock:
+            self.pending.extend(self.buffer)
+            self.buffer = []
+            self._lock.notify()
+
+    def close(self, timeout: float) -> None:
+        """Deliver what is left, waiting at most `timeout` seconds; a StageError if it could not."""
+        self.flush()
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+        self._sender.join(timeout)
+        with self._lock:
+            left, error = len(self.pending), self.fatal or self.error
+        if left or self.fatal:
+            uri = mlflow.get_tracking_uri()
+            raise StageError(f"tracking: {left} metric points of run {self.run_id} not delivered to {uri} within "
+                             f"{timeout:.0f} s ({_one_line(error)}); the checkpoints are kept: re-run the stage "
+                             f"once the server answers, and it logs what is missing")
+
+    def _send_forever(self) -> None:
+        failures = 0
+        while True:
+            with self._lock:
+                while not self.pending and not self._closing:
+                    self._lock.wait()
+                if not self.pending or self.fatal:
+                    return  # closing, all delivered (or nothing more can be)
+                chunk = self.pending[:_MAX_METRICS_PER_BATCH]
+            try:
+                self.client.log_batch(self.run_id, metrics=chunk)
+            except Exception as err:  # noqa: BLE001 -- any failure: the points stay pending
+                if _permanent(err):
+                    self.fatal = err
+                    return
+                if failures == 0:
+                    print(f"tracking: the MLflow server does not take metrics now ({_one_line(err)}); "
+                          f"training goes on, the points are kept and sent when it answers", flush=True)
+                self.error = err
+                time.sleep(self.RETRY_SECONDS[min(failures, len(self.RETRY_SECONDS) - 1)])
+                failures += 1
+                continue
+            with self._lock:
+                del self.pending[:len(chunk)]
+            if failures:
+                print(f"tracking: the MLflow server answers again after {failures} failed tries; "
+                      f"delayed points delivered", flush=True)
+                failures, self.error = 0, None
+
+
+def _permanent(err: Exception) -> bool:
+    """A refusal of the batch itself (4xx: a bad value, a deleted run), not an outage."""
+    if isinstance(err, MlflowException):
+        status = err.get_http_status_code()
+        return 400 <= status < 500 and status not in (408, 429)
+    return False
+
+
+def _one_line(err: BaseException | None) -> str:
+    text = str(err or "unknown error").strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
+def logged_points(client: MlflowClient, run_id: str, keys: Iterable[str]) -> set[tuple[str, int]]:
+    """The (key, step) points `run_id` already holds for `keys`."""
+    return {(key, m.step) for key in keys for m in client.get_metric_history(run_id, key)}
 
 
 def process_tags() -> dict[str, str]:

@@ -34,7 +34,7 @@ from minigpt.train import (DistContext, LossFn, Record, ResumableLoader, TrainSt
 from pipeline import paths
 from pipeline.common import project_modules, stage_device
 from pipeline.run import connect, describe, start_run
-from pipeline.tracking import MetricLogger, log_generator, log_model, log_results, run_status
+from pipeline.tracking import MetricLogger, log_generator, log_model, log_results, logged_points, run_status
 
 BUDGET_KEYS = ("max_steps", "max_tokens", "max_time")
 
@@ -206,12 +206,10 @@ def tracked_training(
     with start_run(tracking, params, run_info, name=name, name_keys=name_keys, description=description,
                    reopen_run_id=reopen, continues_run_id=continues, tags=tags) as active:
         run_info["mlflow_run_id"] = active.info.run_id
-        metric_logger = MetricLogger(MlflowClient(), active.info.run_id)
-        if continues:
-            metric_logger.replay(saved_state.history)  # so this run's charts show the whole training
+        metric_logger = metric_logger_for(active.info.run_id, saved_state, reopened=reopen is not None)
         result = train(model, train_cfg, train_loader, val_loader, outputs.checkpoints,
                        callbacks=(metric_logger,), **train_args)
-        metric_logger.flush()
+        metric_logger.close(timeout=tracking.outage_wait)
         metrics = write_reports(outputs, result.state, result.stop_reason, model.num_parameters())
         # The run's size and end as tags; its losses are the step series already.
         log_results({}, {f"train.{k}": v for k, v in metrics.items()
@@ -230,6 +228,24 @@ def tracked_training(
     print(f"{stage}: {metrics['steps']} steps, best val loss {metrics['best_val_loss']:.3f}, "
           f"{metrics['tokens_per_s']:,.0f} tokens/s in {time.time() - started:.0f} s, "
           f"MLflow run {active.info.run_id}")
+
+
+def metric_logger_for(run_id: str, saved_state: TrainState | None, *, reopened: bool) -> MetricLogger:
+    """The run's metric logger, with the points of the training continued here that the run
+    lacks sent first: all of them for a new run continuing a finished one (its charts show the
+    whole training), the missing ones for a reopened run (those its server did not take before
+    the last execution ended; the ones it holds are not sent again, nor logged twice when the
+    steps after the last checkpoint are trained again)."""
+    client = MlflowClient()
+    if saved_state is None:
+        return MetricLogger(client, run_id)
+    skip = set()
+    if reopened:
+        keys = {key for record in saved_state.history for key in record} - set(MetricLogger.SKIPPED)
+        skip = logged_points(client, run_id, keys)
+    metric_logger = MetricLogger(client, run_id, skip=skip)
+    metric_logger.replay(saved_state.history)
+    return metric_logger
 
 
 def start_training_stage(stage: str, device_name: str, tracking: TrackingConfig,

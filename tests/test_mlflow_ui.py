@@ -18,6 +18,7 @@ The selectors are MLflow 3.17's (ag-grid `row-id`s, `data-testid`s, switch label
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -104,8 +106,9 @@ def ui(store) -> str:
         log.close()
 
 
-@pytest.fixture(scope="module")
-def page(chromium, ui):
+@contextlib.contextmanager
+def open_browser(chromium: str) -> Iterator:
+    """A page of a headless Chromium, closed on leaving."""
     from playwright.sync_api import expect, sync_playwright
 
     expect.set_options(timeout=TIMEOUT_MS)
@@ -117,6 +120,12 @@ def page(chromium, ui):
             yield page
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(chromium, ui):
+    with open_browser(chromium) as page:
+        yield page
 
 
 @pytest.fixture(scope="module")
@@ -274,19 +283,23 @@ def test_compare_page_shows_the_param_that_differs_and_the_scores(page, ui, stor
 
 
 def test_run_page_shows_the_description_and_the_reports(page, ui, store, shots):
+    check_run_page(page, ui, store["experiment_id"], store["runs"][1], shots, overrides="train.lr=0.002")
+
+
+def check_run_page(page, ui: str, experiment_id: str, run, shots: Path, *, overrides: str) -> None:
     """A run's page: its name, its markdown description (the overrides), and its artifacts:
-    the reports at the root, samples.md rendered, the loss curve shown."""
+    the reports at the root, samples.md rendered, the loss curve shown (also used against the
+    team stack, whose server reads them from its S3 store)."""
     from playwright.sync_api import expect
 
-    r = store["runs"][1]
-    page.goto(f"{ui}/#/experiments/{store['experiment_id']}/runs/{r.info.run_id}")
-    expect(page.get_by_role("heading", name=r.info.run_name)).to_be_visible()
+    page.goto(f"{ui}/#/experiments/{experiment_id}/runs/{run.info.run_id}")
+    expect(page.get_by_role("heading", name=run.info.run_name)).to_be_visible()
     expect(page.get_by_text("Overrides of this experiment:")).to_be_visible()
-    expect(page.locator("code", has_text="train.lr=0.002")).to_be_visible()
+    expect(page.locator("code", has_text=overrides)).to_be_visible()
     shoot(page, shots, "5-run-overview")
 
     page.get_by_role("tab", name="Artifacts").click()
-    page.wait_for_url(f"**/runs/{r.info.run_id}/artifacts")
+    page.wait_for_url(f"**/runs/{run.info.run_id}/artifacts")
     for name in ("train_curve.png", "train_curve.csv", "train.json", "eval.json", "samples.md", "samples.json",
                  "config", "checkpoint"):
         expect(page.locator(f'[data-testid="artifact-tree-node"][artifact-name="{name}"]')).to_be_visible()

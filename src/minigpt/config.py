@@ -244,6 +244,8 @@ class TrackingConfig(StrictModel):
     run_name: str | None = None
     log_model: bool = True
     register_model: str | None = Field(None, description="register the logged model under this name")
+    outage_wait: float = Field(300, gt=0, description="seconds a training stage waits at its end for its "
+                               "metrics to reach a tracking server that is down, before it fails")
 
 
 # --------------------------------------------------------------------------- finetuning
