@@ -166,15 +166,16 @@ class MetricLogger:
     restate `val_loss`): one val-loss series, so the UI's charts lead with the losses.
 
     Sending never blocks the loop: a tracking server that is down for a while (restarted, or
-    its database restarting) delays the points, it does not stop training. The sender keeps
-    the undelivered batches and tries again (MLflow's client retries each request with backoff
-    too); `close` waits a bounded time for the last ones. A batch sent twice (its answer lost
-    with the server) is harmless: the store drops identical points. `skip` holds the (key, step)
+    its database restarting) delays the points, it does not stop training. MLflow's client
+    retries each request with backoff for minutes; past that the sender tries again itself, and
+    `close` waits a bounded time for the last points. A batch sent twice (its answer lost with
+    the server) is harmless: the store drops identical points. `skip` holds the (key, step)
     points the run already has (a reopened run): they are not sent again.
     """
 
     SKIPPED = ("kind", "step", "tokens", "best_val_loss", "val_perplexity")
-    RETRY_SECONDS = (1, 2, 4, 8)  # between our own tries; then every 8 s
+    STALL_SECONDS = 10  # a batch unanswered this long is an outage worth a line
+    RETRY_SECONDS = 8  # between the sender's own tries, once MLflow's client has given up
 
     def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 200,
                  skip: set[tuple[str, int]] | None = None) -> None:
@@ -184,8 +185,10 @@ class MetricLogger:
         self.skip = skip or set()
         self.buffer: list[Metric] = []
         self.pending: list[Metric] = []  # handed to the sender, not yet delivered
-        self.error: Exception | None = None  # the last failure; None once delivered again
+        self.error: Exception | None = None  # the last failure, until a batch gets through
         self.fatal: Exception | None = None  # a refusal that retrying cannot fix
+        self.outage_since: float | None = None  # when the unanswered batch was first sent
+        self.outage_told = False
         self._lock = threading.Condition()
         self._closing = False
         self._sender = threading.Thread(target=self._send_forever, name="mlflow-metrics", daemon=True)
@@ -201,6 +204,7 @@ class MetricLogger:
                 self.buffer.append(Metric(key, float(value), now, step))
         if len(self.buffer) >= self.flush_every or record.get("kind") == "eval":
             self.flush()
+        self._tell_outage()
 
     def replay(self, history: Iterable[Mapping[str, Any]]) -> None:
         """Log records of an earlier execution: a run continued in a new MLflow run (so its charts
@@ -225,41 +229,47 @@ class MetricLogger:
             self._lock.notify()
         self._sender.join(timeout)
         with self._lock:
-            left, error = len(self.pending), self.fatal or self.error
+            left, error = len(self.pending), self.fatal or self.error or "no answer"
         if left or self.fatal:
-            uri = mlflow.get_tracking_uri()
-            raise StageError(f"tracking: {left} metric points of run {self.run_id} not delivered to {uri} within "
-                             f"{timeout:.0f} s ({_one_line(error)}); the checkpoints are kept: re-run the stage "
-                             f"once the server answers, and it logs what is missing")
+            raise StageError(f"tracking: {left} metric points of run {self.run_id} not delivered to "
+                             f"{mlflow.get_tracking_uri()} within {timeout:.0f} s ({_one_line(error)}); the "
+                             f"checkpoints are kept: re-run the stage once the server answers, and it logs what is missing")
+
+    def _tell_outage(self) -> None:
+        """One line when a batch has gone unanswered for STALL_SECONDS (called by the loop)."""
+        since = self.outage_since
+        if since is not None and not self.outage_told and time.time() - since > self.STALL_SECONDS:
+            self.outage_told = True
+            why = f": {_one_line(self.error)}" if self.error else ""
+            print(f"tracking: the MLflow server at {mlflow.get_tracking_uri()} has not taken metrics for "
+                  f"{time.time() - since:.0f} s{why}; training goes on, {len(self.pending)} points wait "
+                  f"and are sent when it answers", flush=True)
 
     def _send_forever(self) -> None:
-        failures = 0
         while True:
             with self._lock:
                 while not self.pending and not self._closing:
                     self._lock.wait()
-                if not self.pending or self.fatal:
-                    return  # closing, all delivered (or nothing more can be)
+                if not self.pending:
+                    return  # closing, everything delivered
                 chunk = self.pending[:_MAX_METRICS_PER_BATCH]
+            if self.outage_since is None:
+                self.outage_since = time.time()
             try:
-                self.client.log_batch(self.run_id, metrics=chunk)
+                self.client.log_batch(self.run_id, metrics=chunk)  # MLflow's client retries, for minutes
             except Exception as err:  # noqa: BLE001 -- any failure: the points stay pending
                 if _permanent(err):
                     self.fatal = err
                     return
-                if failures == 0:
-                    print(f"tracking: the MLflow server does not take metrics now ({_one_line(err)}); "
-                          f"training goes on, the points are kept and sent when it answers", flush=True)
                 self.error = err
-                time.sleep(self.RETRY_SECONDS[min(failures, len(self.RETRY_SECONDS) - 1)])
-                failures += 1
+                time.sleep(self.RETRY_SECONDS)
                 continue
             with self._lock:
                 del self.pending[:len(chunk)]
-            if failures:
-                print(f"tracking: the MLflow server answers again after {failures} failed tries; "
-                      f"delayed points delivered", flush=True)
-                failures, self.error = 0, None
+            if self.outage_told:
+                print(f"tracking: the MLflow server answers again after {time.time() - self.outage_since:.0f} s; "
+                      f"the delayed points are delivered", flush=True)
+            self.outage_since, self.outage_told, self.error = None, False, None
 
 
 def _permanent(err: Exception) -> bool:
