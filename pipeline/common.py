@@ -77,6 +77,15 @@ def stage_name(fn: Callable) -> str:
     return module.rsplit(".", 1)[-1]
 
 
+def _chain(err: BaseException) -> list[BaseException]:
+    """`err` and the exceptions it was raised while handling, innermost last."""
+    chain = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__context__
+    return chain
+
+
 def stage_main(fn: Callable[[], None]) -> Callable[[], None]:
     """Run a stage; a known error becomes `stage: error: ...` and exit status 1."""
 
@@ -91,6 +100,15 @@ def stage_main(fn: Callable[[], None]) -> Callable[[], None]:
             fn()
         except (StageError, DataError, CheckpointError, TrainingDiverged) as err:
             print(f"{stage}: error: {err}", file=sys.stderr)
+            sys.exit(1)
+        except Exception as err:
+            if not type(err).__module__.startswith("mlflow"):
+                raise
+            # A tracking call failed past MLflow's own retries (a server down for minutes). When the
+            # run could not be closed after another error, that error is the one to tell.
+            cause = next((e for e in _chain(err) if isinstance(e, StageError)), None)
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            print(f"{stage}: error: {cause or f'tracking: {first}'}", file=sys.stderr)
             sys.exit(1)
         except OSError as err:  # a file it cannot write or read: full disk, read-only folder, ...
             # A failed rename names the temporary source first; the user knows the destination.

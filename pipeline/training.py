@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from minigpt.model import GPTModel
 from minigpt.train import (DistContext, LossFn, Record, ResumableLoader, TrainState, init_distributed, stop_reason,
                            train)
 from pipeline import paths
-from pipeline.common import project_modules, stage_device
+from pipeline.common import StageError, project_modules, stage_device
 from pipeline.run import connect, describe, start_run
 from pipeline.tracking import MetricLogger, log_generator, log_model, log_results, logged_points, run_status
 
@@ -209,7 +210,13 @@ def tracked_training(
         metric_logger = metric_logger_for(active.info.run_id, saved_state, reopened=reopen is not None)
         result = train(model, train_cfg, train_loader, val_loader, outputs.checkpoints,
                        callbacks=(metric_logger,), **train_args)
-        metric_logger.close(timeout=tracking.outage_wait)
+        try:
+            metric_logger.close(timeout=tracking.outage_wait)
+        except StageError:
+            # The server is down past the wait: marking the run FAILED gets one try, not MLflow's
+            # minutes of retries; the run stays open for the re-run that logs what is missing.
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+            raise
         metrics = write_reports(outputs, result.state, result.stop_reason, model.num_parameters())
         # The run's size and end as tags; its losses are the step series already.
         log_results({}, {f"train.{k}": v for k, v in metrics.items()

@@ -1,4 +1,5 @@
-"""The pipeline end to end: real DVC, real MLflow (SQLite store and a real server), real processes.
+"""The pipeline end to end: real DVC, real MLflow (the SQLite store), real processes; the same
+pipeline against a tracking server on PostgreSQL and S3 is tests/test_team_stack.py.
 
 Each test works in a temporary git clone of this checkout, with the smoke presets
 (`train=smoke`, `data=shakespeare-mini`: three real plays, six steps).
@@ -7,16 +8,14 @@ Each test works in a temporary git clone of this checkout, with the smoke preset
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline_helpers import (SMOKE, STAGES, all_runs, client, clone_checkout, compose_smoke, env_for, free_port, git,
-                              ran_stages, run, stage_runs, wait_until_up)
+from pipeline_helpers import (SMOKE, STAGES, all_runs, client, clone_checkout, compose_smoke, git,
+                              ran_stages, run, stage_runs)
 
 pytestmark = pytest.mark.slow
 
@@ -156,33 +155,3 @@ def test_bad_param_fails_the_stage_and_no_run_succeeds(project, override, messag
     assert message in proc.stderr + proc.stdout
     assert {r.info.run_id for r in all_runs(uri) if r.info.status == "FINISHED"} == finished
     git(project, "checkout", "--", "params.yaml")
-
-
-def test_pipeline_logs_to_a_real_mlflow_server(tmp_path):
-    repo = clone_checkout(tmp_path / "clone")
-    compose_smoke(repo)
-    port = free_port()
-    server_dir = tmp_path / "server"
-    server_dir.mkdir()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{server_dir / 'store.db'}",
-         "--artifacts-destination", str(server_dir / "artifacts"), "--workers", "1"],
-        cwd=server_dir, env=env_for(repo), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(f"{url}/health", server, timeout=90)
-        run(repo, "dvc", "repro", MLFLOW_TRACKING_URI=url)
-        assert not (repo / "mlflow.db").exists()  # nothing went to the local store
-        runs = stage_runs(url, "pretrain")
-        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-        (finetune,) = stage_runs(url, "finetune")
-        assert finetune.info.status == "FINISHED" and finetune.data.tags["mlflow.parentRunId"] == runs[0].info.run_id
-        assert "val_bits_per_byte" in runs[0].data.metrics
-        # Artifacts went through the server (proxied), into its own destination.
-        assert {a.path for a in client(url).list_artifacts(runs[0].info.run_id)} >= {"eval.json"}
-        assert any((server_dir / "artifacts").rglob("eval.json"))
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

@@ -33,7 +33,7 @@ import psutil
 import pytest
 
 from test_mlflow_ui import check_run_page, chromium, open_browser  # noqa: F401 -- chromium: a fixture
-from pipeline_helpers import (ROOT, SMOKE, clone_checkout, compose_smoke, env_for, free_port, git, ran_stages, run,
+from pipeline_helpers import (ROOT, SMOKE, clone_checkout, compose_smoke, env_for, git, ran_stages, run,
                               stage_runs)
 
 pytestmark = pytest.mark.slow
@@ -378,7 +378,7 @@ def test_compare_and_notebook_03_read_the_server(stack, clone_a, sweeps):
     assert "params that differ: tracking.register_model, train.eval_interval, train.lr" in text
 
 
-def test_the_ui_shows_a_run_of_the_server_with_its_artifacts_from_the_store(stack, sweeps, chromium, tmp_path):
+def test_the_ui_shows_a_run_of_the_server_with_its_artifacts_from_the_store(stack, sweeps, chromium, tmp_path):  # noqa: F811
     run_ = next(r for r in sweeps if r.data.params["train.lr"] == "0.002")
     with open_browser(chromium) as page:
         check_run_page(page, stack.url, run_.info.experiment_id, run_, tmp_path, overrides="train.lr=0.002")
