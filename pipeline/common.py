@@ -101,6 +101,12 @@ def stage_main(fn: Callable[[], None]) -> Callable[[], None]:
         except (StageError, DataError, CheckpointError, TrainingDiverged) as err:
             print(f"{stage}: error: {err}", file=sys.stderr)
             sys.exit(1)
+        except OSError as err:  # a file it cannot write or read: full disk, read-only folder, ...
+            # A failed rename names the temporary source first; the user knows the destination.
+            name = err.filename2 or err.filename
+            where = f"{name}: " if name else ""
+            print(f"{stage}: error: {where}{err.strerror or err}", file=sys.stderr)
+            sys.exit(1)
         except Exception as err:
             if not type(err).__module__.startswith("mlflow"):
                 raise
@@ -109,12 +115,6 @@ def stage_main(fn: Callable[[], None]) -> Callable[[], None]:
             cause = next((e for e in _chain(err) if isinstance(e, StageError)), None)
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
             print(f"{stage}: error: {cause or f'tracking: {first}'}", file=sys.stderr)
-            sys.exit(1)
-        except OSError as err:  # a file it cannot write or read: full disk, read-only folder, ...
-            # A failed rename names the temporary source first; the user knows the destination.
-            name = err.filename2 or err.filename
-            where = f"{name}: " if name else ""
-            print(f"{stage}: error: {where}{err.strerror or err}", file=sys.stderr)
             sys.exit(1)
 
     return wrapper

@@ -460,7 +460,7 @@ def start_mlflow(stack: Stack, ports: dict[str, int]) -> str:
 STOP = {"postgres": (signal.SIGINT, 30),  # PostgreSQL's "fast" shutdown: clients cut, data flushed
         # SeaweedFS's volume and master servers stop within a second; its filer then waits ~15 s
         # for the S3 gateway's metadata stream to end (measured), with every write already on disk.
-        "s3": (signal.SIGINT, 5),
+        "s3": (signal.SIGINT, 2),
         "mlflow": (signal.SIGTERM, 20)}
 
 

@@ -86,6 +86,18 @@ def ran_stages(output: str) -> list[str]:
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
 
 
+def wait_for_queue(repo: Path, deadline: float) -> str:
+    """Poll `dvc queue status` in `repo` until nothing is queued or running (or the `deadline`,
+    a time.time(), passes); the last status."""
+    import time
+
+    while True:
+        status = run(repo, "dvc", "queue", "status").stdout
+        if ("Queued" not in status and "Running" not in status) or time.time() > deadline:
+            return status
+        time.sleep(3)
+
+
 def free_port() -> int:
     """A free TCP port on loopback, for a server a test starts."""
     import socket

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from minigpt.checkpoint import read_checkpoint
-from train_helpers import MAX_LENGTH, base_config, make_corpus, run_training, windows_tokens
+from train_helpers import MAX_LENGTH, base_config, make_corpus, run_training, tiny_model, windows_tokens
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -59,10 +59,12 @@ def _rank(records: Path, rank: int) -> dict:
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(corpus, tmp_path, optimizer):
     common = dict(global_batch_size=8, max_steps=6, eval_interval=3, lr=3e-3, optimizer=optimizer)
     # Summing the two ranks' gradients rounds differently from accumulating two micro-batches
-    # (~1e-7). AdamW carries that through unchanged. Muon orthogonalises in bf16 and blows up
-    # the gradient's near-zero singular directions, which such noise turns: losses still agree
-    # to ~1e-4, single weights to a fraction of one step's update (0.02 / 4 here), not to 1e-5.
-    rel, weight_atol = (1e-5, 1e-5) if optimizer == "adamw" else (1e-3, 2e-3)
+    # (~1e-7). AdamW carries that through unchanged: weights agree element by element. Muon
+    # orthogonalises in bf16 and blows up the gradient's near-zero singular directions, which
+    # such noise turns: losses still agree to ~1e-4, and each matrix ends within a tenth of the
+    # distance training moved it (measured up to 0.056 on 2026-12-06, where single elements
+    # differed by 4.5e-3, a whole step's update, on some machines and not on others).
+    rel = 1e-5 if optimizer == "adamw" else 1e-3
     single = run_training(corpus, tmp_path / "single", base_config(micro_batch_size=4, **common))
 
     ddp_cfg = base_config(micro_batch_size=4, **common)  # 4 per rank x 2 ranks: no accumulation
@@ -89,10 +91,16 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(corpus, 
         s * 8 * MAX_LENGTH for s in range(1, 7)]
 
     ddp_tensors, one_tensors = read_checkpoint(out / "last.safetensors")[0], read_checkpoint(single.last_checkpoint)[0]
+    start = {f"model.{k}": v for k, v in tiny_model().state_dict().items()}  # what both runs started from
     for name, tensor in one_tensors.items():
-        if name.startswith("model."):
-            torch.testing.assert_close(ddp_tensors[name], tensor, rtol=1e-4, atol=weight_atol,
+        if not name.startswith("model."):
+            continue
+        if optimizer == "adamw":
+            torch.testing.assert_close(ddp_tensors[name], tensor, rtol=1e-4, atol=1e-5,
                                        msg=lambda detail, name=name: f"{name}: {detail}")
+        else:
+            moved, apart = (tensor - start[name]).norm().item(), (ddp_tensors[name] - tensor).norm().item()
+            assert apart <= 0.1 * moved, f"{name}: the runs ended {apart:.3g} apart, training moved it {moved:.3g}"
 
 
 def test_ranks_agree_when_to_stop_on_max_time(corpus, tmp_path):

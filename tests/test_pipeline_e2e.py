@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from pipeline_helpers import (SMOKE, STAGES, all_runs, client, clone_checkout, compose_smoke, git,
-                              ran_stages, run, stage_runs)
+                              ran_stages, run, stage_runs,
+                              wait_for_queue)
 
 pytestmark = pytest.mark.slow
 
@@ -111,12 +112,7 @@ def test_queued_sweep_runs_in_parallel_and_keeps_every_run(project):
     overrides = [arg for o in SMOKE for arg in ("-S", o)]
     run(project, "dvc", "exp", "run", "--queue", *overrides, "-S", "train.lr=1e-3,2e-3")
     run(project, "dvc", "queue", "start", "-j", "2", MINIGPT_SWEEP="sweep-test")  # as `make sweep` does
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        status = run(project, "dvc", "queue", "status").stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(3)
+    status = wait_for_queue(project, deadline=time.time() + 600)
     assert status.count("Success") == 2, status
     new = [r for r in stage_runs(uri, "pretrain") if r.info.run_id not in before]
     assert sorted(r.data.params["train.lr"] for r in new) == ["0.001", "0.002"]

@@ -32,9 +32,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from test_mlflow_ui import check_run_page, chromium, open_browser  # noqa: F401 -- chromium: a fixture
+from test_mlflow_ui import REPORTS, check_run_page, chromium, open_browser  # noqa: F401 -- chromium: a fixture
 from pipeline_helpers import (ROOT, SMOKE, clone_checkout, compose_smoke, env_for, git, ran_stages, run,
-                              stage_runs)
+                              stage_runs, wait_for_queue)
 
 pytestmark = pytest.mark.slow
 
@@ -332,18 +332,14 @@ def sweeps(stack, clone_a, clone_b) -> list:
     smoke = [arg for o in SMOKE for arg in ("-S", o)]
     lrs = {clone_a["repo"]: "train.lr=1e-3,2e-3", clone_b: "train.lr=3e-3,4e-3"}
     for repo, lr in lrs.items():
-        run(repo, "dvc", "exp", "run", "--queue", "evaluate", "sample", *smoke, "-S", lr, "-S", "tracking.register_model=null",
+        run(repo, "dvc", "exp", "run", "--queue", "evaluate", *smoke, "-S", lr, "-S", "tracking.register_model=null",
             "-S", "tracking.log_model=false")  # models are checked on A's run; these need none
     before = {r.info.run_id for r in stage_runs(stack.url, "pretrain")}
     for repo in lrs:
         run(repo, "dvc", "queue", "start", "-j", "2", MLFLOW_TRACKING_URI=stack.url, MINIGPT_SWEEP="team-sweep")
     deadline = time.time() + 600
     for repo in lrs:
-        while time.time() < deadline:
-            status = run(repo, "dvc", "queue", "status").stdout
-            if "Queued" not in status and "Running" not in status:
-                break
-            time.sleep(3)
+        status = wait_for_queue(repo, deadline)
         assert status.count("Success") == 2, status
     return [r for r in stage_runs(stack.url, "pretrain") if r.info.run_id not in before]
 
@@ -375,10 +371,49 @@ def test_compare_and_notebook_03_read_the_server(stack, clone_a, sweeps):
                                env=env_for(repo, MLFLOW_TRACKING_URI=stack.url), timeout=300, write=False)
     text = "\n".join(o.get("text", "") for cell in nb.cells for o in cell.get("outputs", []) if "text" in o)
     assert f"5 pretrain runs of experiment 'minigpt' in {stack.url}" in text  # A's and the sweeps'
-    assert "params that differ: tracking.register_model, train.eval_interval, train.lr" in text
+    assert ("params that differ: tracking.log_model, tracking.register_model, train.eval_interval, train.lr, "
+            "train.max_steps, train.max_time") in text  # A's run against the sweeps
 
 
 def test_the_ui_shows_a_run_of_the_server_with_its_artifacts_from_the_store(stack, sweeps, chromium, tmp_path):  # noqa: F811
     run_ = next(r for r in sweeps if r.data.params["train.lr"] == "0.002")
     with open_browser(chromium) as page:
-        check_run_page(page, stack.url, run_.info.experiment_id, run_, tmp_path, overrides="train.lr=0.002")
+        check_run_page(page, stack.url, run_.info.experiment_id, run_, tmp_path, overrides="train.lr=0.002",
+                       artifacts=tuple(a for a in REPORTS if not a.startswith("samples")))  # swept to evaluate
+
+
+def test_a_server_down_past_the_wait_fails_in_one_line_and_a_rerun_completes_the_run(stack, clone_a):
+    """Down for longer than `tracking.outage_wait` when training ends: the stage fails with one
+    line (in bounded time), the checkpoints stay, and the re-run completes the same run with
+    every point, none twice (README: the Resume table)."""
+    repo = clone_a["repo"]
+    compose_smoke(repo, "train.max_steps=60", "tracking.outage_wait=3", "tracking.log_model=false")
+    proc = subprocess.Popen(["dvc", "repro", "pretrain"], cwd=repo, env=env_for(repo, MLFLOW_TRACKING_URI=stack.url),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with stack.db() as db:
+            known = {row[0] for row in db.execute("SELECT run_uuid FROM runs")}
+            deadline = time.time() + 300
+            while not db.execute("SELECT 1 FROM metrics WHERE key = 'train_loss' AND NOT run_uuid = ANY(%s) LIMIT 1",
+                                 (list(known),)).fetchone():
+                assert proc.poll() is None and time.time() < deadline
+                time.sleep(0.2)
+        os.killpg(stack.pid("mlflow"), signal.SIGKILL)
+        output = proc.communicate(timeout=300)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stack.cli("up", "mlflow")
+    errors = [line for line in output.splitlines() if line.startswith("pretrain: error")]
+    assert proc.returncode != 0 and len(errors) == 1, output
+    assert "metric points of run" in errors[0] and "not delivered" in errors[0] and "within 3 s" in errors[0]
+    assert (repo / "checkpoints/last.safetensors").is_file()
+
+    again = run(repo, "dvc", "repro", "pretrain", MLFLOW_TRACKING_URI=stack.url)
+    assert "resuming from" in again.stdout
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((repo / "reports/mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(stack.url)
+    assert client.get_run(run_id).info.status == "FINISHED" and run_id in errors[0]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == list(range(1, 61))
