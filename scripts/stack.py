@@ -183,13 +183,17 @@ def spawn(stack: Stack, service: str, argv: list[str], env: dict[str, str], *, c
     with log_path.open("a") as out:
         out.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n")
         out.flush()
-        extra = {"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": []} if user else {}
         process = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True, **extra)
+                                   stderr=subprocess.STDOUT, start_new_session=True, **as_user(user))
     started = psutil.Process(process.pid).create_time()
     stack.pid_file(service).parent.mkdir(parents=True, exist_ok=True)
     stack.pid_file(service).write_text(f"{process.pid} {started:.2f}\n")
     return process
+
+
+def as_user(user: str | None) -> dict:
+    """subprocess arguments that run a child as `user` (its group, none of ours), or as us."""
+    return {"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": []} if user else {}
 
 
 def stop_group(pid: int, sig: signal.Signals, grace: float) -> None:
@@ -333,7 +337,7 @@ def start_postgres(stack: Stack, port: int) -> str:
                 [str(binaries / "initdb"), "-D", str(data), "-U", DB_USER, f"--pwfile={password_file}",
                  "--auth=scram-sha-256", "--encoding=UTF8", "--no-locale"],
                 cwd=stack.dir, capture_output=True, text=True, timeout=120,
-                **({"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": []} if user else {}))
+                **as_user(user))
         finally:
             password_file.unlink(missing_ok=True)
         if proc.returncode != 0:
