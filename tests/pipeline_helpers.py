@@ -60,6 +60,19 @@ def run(repo: Path, *cmd: str, check: bool = True, **env: str) -> subprocess.Com
     return proc
 
 
+def start_queue(repo: Path, jobs: int = 2, **env: str) -> None:
+    """`dvc queue start -j jobs`, returning once the workers are started. Its workers are forked
+    with the caller's stdout and stderr, so with `run`'s pipes the call would not return before the
+    whole queue is done (two clones' queues would run one after the other); a file does not hold it."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=repo, env=env_for(repo, **env),
+                              stdout=out, stderr=subprocess.STDOUT, text=True, timeout=120)
+        out.seek(0)
+        assert proc.returncode == 0, f"dvc queue start failed ({proc.returncode}):\n{out.read()[-3000:]}"
+
+
 def compose_smoke(repo: Path, *extra: str) -> None:
     run(repo, sys.executable, "-m", "pipeline.compose", *SMOKE, *extra)
     git(repo, "commit", "-q", "--allow-empty", "-am", "smoke params")

@@ -16,7 +16,7 @@ import torch
 
 from pipeline_helpers import (SMOKE, STAGES, all_runs, client, clone_checkout, compose_smoke, git,
                               ran_stages, run, stage_runs,
-                              wait_for_queue)
+                              start_queue, wait_for_queue)
 
 pytestmark = pytest.mark.slow
 
@@ -111,7 +111,7 @@ def test_queued_sweep_runs_in_parallel_and_keeps_every_run(project):
     before = {r.info.run_id for r in all_runs(uri)}
     overrides = [arg for o in SMOKE for arg in ("-S", o)]
     run(project, "dvc", "exp", "run", "--queue", *overrides, "-S", "train.lr=1e-3,2e-3")
-    run(project, "dvc", "queue", "start", "-j", "2", MINIGPT_SWEEP="sweep-test")  # as `make sweep` does
+    start_queue(project, 2, MINIGPT_SWEEP="sweep-test")  # as `make sweep` does
     status = wait_for_queue(project, deadline=time.time() + 600)
     assert status.count("Success") == 2, status
     new = [r for r in stage_runs(uri, "pretrain") if r.info.run_id not in before]

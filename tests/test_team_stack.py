@@ -34,7 +34,7 @@ import pytest
 
 from test_mlflow_ui import REPORTS, check_run_page, chromium, open_browser  # noqa: F401 -- chromium: a fixture
 from pipeline_helpers import (ROOT, SMOKE, clone_checkout, compose_smoke, env_for, git, ran_stages, run,
-                              stage_runs, wait_for_queue)
+                              stage_runs, start_queue, wait_for_queue)
 
 pytestmark = pytest.mark.slow
 
@@ -336,7 +336,7 @@ def sweeps(stack, clone_a, clone_b) -> list:
             "-S", "tracking.log_model=false")  # models are checked on A's run; these need none
     before = {r.info.run_id for r in stage_runs(stack.url, "pretrain")}
     for repo in lrs:
-        run(repo, "dvc", "queue", "start", "-j", "2", MLFLOW_TRACKING_URI=stack.url, MINIGPT_SWEEP="team-sweep")
+        start_queue(repo, 2, MLFLOW_TRACKING_URI=stack.url, MINIGPT_SWEEP="team-sweep")
     deadline = time.time() + 600
     for repo in lrs:
         status = wait_for_queue(repo, deadline)
