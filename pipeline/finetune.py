@@ -24,7 +24,8 @@ from minigpt.tasks.classification import ClassificationLoss, SequenceClassifier,
 from minigpt.tasks.instruction import collate_instructions
 from minigpt.tasks.trainable import set_trainable
 from minigpt.tokenizer import RANKS_SHA256
-from minigpt.train import DistContext, LanguageModelLoss
+from minigpt.distributed import DistContext
+from minigpt.train import LanguageModelLoss
 from minigpt.utils import seed_everything
 from pipeline import paths
 from pipeline.common import StageError, load_config, read_params, stage_main

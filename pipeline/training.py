@@ -30,8 +30,8 @@ from minigpt.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from minigpt.config import TrackingConfig, TrainConfig
 from minigpt.io import atomic_path, sha256_bytes, write_json_atomic, write_text_atomic
 from minigpt.model import GPTModel
-from minigpt.train import (DistContext, LossFn, Record, ResumableLoader, TrainState, init_distributed, stop_reason,
-                           train)
+from minigpt.distributed import DistContext, init_distributed
+from minigpt.train import LossFn, Record, ResumableLoader, TrainState, stop_reason, train
 from pipeline import paths
 from pipeline.common import StageError, project_modules, stage_device
 from pipeline.run import connect, describe, start_run

@@ -151,10 +151,24 @@ def test_resume_mid_epoch_gives_the_remaining_batches(shards, num_workers):
         assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
 
 
-def test_state_from_a_different_loader_is_refused(shards):
-    state = create_dataloader(shards, max_length=4, batch_size=8).state_dict()
-    with pytest.raises(DataError, match="saved with batch_size=8 but this loader has batch_size=4"):
-        create_dataloader(shards, max_length=4, batch_size=4).load_state_dict(state)
+def test_a_state_continues_on_another_split_of_the_same_order_or_is_refused(shards):
+    """Resuming on another number of processes: 2 ranks x 5 windows have served 3 steps; one
+    loader of 10 continues with the windows of the 4th. A split whose epochs end elsewhere
+    (8 x 12 = 96 of the 100 windows) cannot continue the same sequence: refused."""
+    ranks = [create_dataloader(shards, max_length=4, batch_size=5, seed=3, rank=r, world_size=2) for r in range(2)]
+    batches = [iter(loader) for loader in ranks]
+    for it in batches:
+        for _ in range(3):
+            next(it)
+    state = ranks[0].state_dict()
+    fourth_step = sorted(_starts([next(it) for it in batches]))
+    one = create_dataloader(shards, max_length=4, batch_size=10, seed=3)
+    one.load_state_dict(state)
+    assert sorted(_starts([next(iter(one))])) == fourth_step
+    with pytest.raises(DataError, match="saved with batch_size x world_size = 5 x 2, this loader has 8 x 1"):
+        create_dataloader(shards, max_length=4, batch_size=8, seed=3).load_state_dict(state)
+    with pytest.raises(DataError, match="saved with seed=3 but this loader has seed=4"):
+        create_dataloader(shards, max_length=4, batch_size=10, seed=4).load_state_dict(state)
 
 
 def test_ddp_ranks_get_disjoint_windows_and_equal_batch_counts(tmp_path):

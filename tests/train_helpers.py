@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import types
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,8 @@ from minigpt.config import ModelConfig, TrainConfig
 from minigpt.data import create_dataloader
 from minigpt.model import GPTModel
 from minigpt.data.shards import write_shards
-from minigpt.train import DistContext, TrainResult, init_distributed, train
+from minigpt.distributed import DistContext, init_distributed
+from minigpt.train import TrainResult, train
 
 # Public-domain openings (Dickens 1859, Melville 1851, Austen 1813).
 TEXT = (
@@ -115,6 +118,10 @@ def _main() -> None:
     parser.add_argument("--records", required=True, help="JSON file for the records; `.rank<N>` added under DDP")
     parser.add_argument("--fast-clock-rank", type=int, default=None,
                         help="this rank's clock runs 3x fast (ranks disagree about elapsed time)")
+    parser.add_argument("--exit-after-saves", type=int, default=None,
+                        help="every process exits (status 17) right after the Nth save of `last`, as if killed")
+    parser.add_argument("--kill-rank", type=int, default=None,
+                        help="with --exit-after-saves: only this rank dies, by SIGKILL, in torchrun's first attempt")
     args = parser.parse_args()
 
     ctx = init_distributed(torch.device("cpu"))
@@ -131,6 +138,20 @@ def _main() -> None:
         return real_save(path, *a, **k)
 
     train_module.save_checkpoint = counting_save
+    if args.exit_after_saves is not None:
+        real_last_save, last_saves = train_module._Checkpoints.save, []
+
+        def save_then_exit(self, path, state):  # noqa: ANN001
+            real_last_save(self, path, state)
+            if path == self.last:
+                last_saves.append(path)
+            if len(last_saves) == args.exit_after_saves:
+                if args.kill_rank is None:
+                    os._exit(17)  # no cleanup, no flush: what a kill leaves
+                if ctx.rank == args.kill_rank and ctx.restarts == 0:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        train_module._Checkpoints.save = save_then_exit
     records: list[dict] = []
     outcome: dict[str, Any] = {}
     try:
@@ -142,7 +163,7 @@ def _main() -> None:
         if ctx.enabled:
             path = path.with_name(f"{path.name}.rank{ctx.rank}")
         path.write_text(json.dumps(dict(records=records, saves=saves, world_size=ctx.world_size,
-                                        **outcome)))
+                                        restarts=ctx.restarts, **outcome)))
     if ctx.enabled:
         torch.distributed.destroy_process_group()
 

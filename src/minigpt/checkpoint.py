@@ -73,6 +73,12 @@ def _payload_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) 
 
 
 # --------------------------------------------------------------------------- save / load
+def tied_aliases(model: torch.nn.Module) -> set[str]:
+    """Names of parameters that are another one under a second name (a tied head)."""
+    first = {id(p): name for name, p in model.named_parameters()}
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != name}
+
+
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Model weights without aliases (a tied head shares the embedding's storage)."""
     seen: set[int] = set()
@@ -86,25 +92,38 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    state: dict[str, Any]) -> None:
-    """Write model, optimizer, RNG and `state` (JSON-able) atomically to `path`."""
-    tensors = {f"model.{k}": v for k, v in model_tensors(model).items()}
-    optim_meta = None
-    if optimizer is not None:
-        osd = optimizer.state_dict()
-        for pid, pstate in osd["state"].items():
-            for key, value in pstate.items():
-                tensors[f"optim.{pid}.{key}"] = value.detach().cpu().contiguous()
-        optim_meta = osd["param_groups"]
-    rng_tensors, rng_meta = rng_state()
-    tensors.update(rng_tensors)
+                    state: dict[str, Any], rank_rngs: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None,
+                    ) -> None:
+    """Write model, optimizer, RNG and `state` (JSON-able) atomically to `path`.
+
+    `rank_rngs`: every DDP rank's `rng_state()` (rank 0's first), so that each rank of a
+    resumed run gets its own dropout masks back; without it, this process's RNG is saved."""
+    osd = optimizer.state_dict() if optimizer is not None else None
+    write_checkpoint(path, model_tensors(model), osd and osd["state"], osd and osd["param_groups"], state, rank_rngs)
+
+
+def write_checkpoint(path: str | Path, weights: dict[str, torch.Tensor],
+                     optim_state: dict[int, dict[str, torch.Tensor]] | None, optim_groups: list[dict] | None,
+                     state: dict[str, Any],
+                     rank_rngs: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None) -> None:
+    """`save_checkpoint` from tensors: weights by name, the optimizer as a torch `state_dict`
+    numbers it (state per parameter index, groups listing indices)."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in weights.items()}
+    for pid, pstate in (optim_state or {}).items():
+        for key, value in pstate.items():
+            tensors[f"optim.{pid}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    rngs = rank_rngs or [rng_state()]
     metadata = {
         "format": FORMAT,
         "version": VERSION,
         "state": json.dumps(state),
-        "optimizer_param_groups": json.dumps(optim_meta),
-        "rng": json.dumps(rng_meta),
+        "optimizer_param_groups": json.dumps(optim_groups),
+        "rng": json.dumps(rngs[0][1]),
     }
+    tensors.update(rngs[0][0])
+    for rank, (rng_tensors, rng_meta) in enumerate(rngs[1:], start=1):
+        tensors.update({f"rng.rank{rank}.{k.removeprefix('rng.')}": v for k, v in rng_tensors.items()})
+        metadata[f"rng.rank{rank}"] = json.dumps(rng_meta)
     metadata["payload_sha256"] = _payload_digest(tensors, metadata)
     try:
         with atomic_path(path) as tmp:
@@ -151,8 +170,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None = None,
-                    restore_rng: bool = False) -> dict[str, Any]:
-    """Load weights (and optionally optimizer and RNG state) into place; return the saved `state`."""
+                    restore_rng: bool = False, rank: int = 0) -> dict[str, Any]:
+    """Load weights (and optionally optimizer and RNG state) into place; return the saved `state`.
+
+    With `restore_rng`, the RNG that DDP rank `rank` saved, where the checkpoint holds it
+    (`state["world_size"]` says how many ranks saved theirs)."""
     tensors, metadata = read_checkpoint(path)
     weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     try:
@@ -166,18 +188,37 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
             f"unexpected {sorted(unexpected)})"
         )
     if optimizer is not None:
-        groups = json.loads(metadata["optimizer_param_groups"])
-        if groups is None:
-            raise CheckpointError(f"checkpoint {path}: holds no optimizer state")
-        per_param: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, pid, name = key.split(".", 2)
-                per_param.setdefault(int(pid), {})[name] = value
-        optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+        optimizer.load_state_dict(optimizer_state(path, tensors, metadata))
     if restore_rng:
-        set_rng_state({k: v for k, v in tensors.items() if k.startswith("rng.")}, json.loads(metadata["rng"]))
+        restore_rank_rng(tensors, metadata, rank)
     return json.loads(metadata["state"])
+
+
+def optimizer_state(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, Any]:
+    """The optimizer `state_dict` a checkpoint holds (parameters numbered as torch does)."""
+    groups = json.loads(metadata["optimizer_param_groups"])
+    if groups is None:
+        raise CheckpointError(f"checkpoint {path}: holds no optimizer state")
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            per_param.setdefault(int(pid), {})[name] = value
+    return {"state": per_param, "param_groups": groups}
+
+
+def restore_rank_rng(tensors: dict[str, torch.Tensor], metadata: dict[str, str], rank: int = 0) -> bool:
+    """Set this process's RNG to what `rank` saved; False (nothing set) if it saved none."""
+    if rank == 0:
+        set_rng_state({k: v for k, v in tensors.items() if k.startswith("rng.") and not k.startswith("rng.rank")},
+                      json.loads(metadata["rng"]))
+        return True
+    prefix = f"rng.rank{rank}."
+    if f"rng.rank{rank}" not in metadata:
+        return False
+    set_rng_state({"rng." + k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)},
+                  json.loads(metadata[f"rng.rank{rank}"]))
+    return True
 
 
 def _is_alias(model: torch.nn.Module, name: str, weights: dict[str, torch.Tensor]) -> bool:

@@ -185,6 +185,8 @@ class TrainConfig(StrictModel):
     log_interval: int = Field(10, gt=0)
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: ddp (whole model per process) or fsdp (FSDP2: sharded)")
     device: str = Field("auto", description="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
     loss_chunk_size: int | None = Field(None, gt=0, description="fused head+loss chunk rows; null = plain")
     resume: str = Field("auto", description="'auto' (continue from last if present), 'never', or a checkpoint path")
@@ -205,6 +207,9 @@ class TrainConfig(StrictModel):
                 f"global_batch_size: {self.global_batch_size} must be a multiple of "
                 f"micro_batch_size ({self.micro_batch_size})"
             )
+        if self.strategy == "fsdp" and self.optimizer == "muon":
+            raise ValueError("strategy: fsdp shards every matrix across processes and muon orthogonalises "
+                             "whole matrices; use train.optimizer=adamw with fsdp, or strategy=ddp")
         return self
 
 

@@ -1,4 +1,4 @@
-"""Training loop: AdamW, warmup + cosine LR, clipping, accumulation, eval, checkpoints, DDP.
+"""Training loop: AdamW, warmup + cosine LR, clipping, accumulation, eval, checkpoints, DDP/FSDP.
 
 Read `train()` top to bottom: build the optimizer, maybe resume, then loop
 (`train_step` -> log -> evaluate -> checkpoint) until a budget ends. What is
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,16 +22,19 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from minigpt.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_state, save_checkpoint
+from minigpt.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint
 from minigpt.config import TrainConfig
+from minigpt.distributed import (DistContext, accumulating, all_reduce_mean, as_float, barrier, is_sharded,
+                                 local_tensor, on_any_rank, wrap_model)
 from minigpt.flops import flops_per_token, matmul_flops_per_s
 from minigpt.model import GPTModel
 from minigpt.modules import MultiHeadAttention
 from minigpt.optim import Muon
-from minigpt.utils import autocast_for, compiled, eval_mode, release_freed_memory, retain_freed_memory, seed_everything
+from minigpt.sharded_checkpoint import (consolidate, is_sharded_checkpoint, last_checkpoint, load_consolidated,
+                                       load_sharded, read_any_state, save_sharded, sharded_path)
+from minigpt.utils import autocast_for, eval_mode, release_freed_memory, retain_freed_memory, seed_everything
 
 Record = dict[str, Any]
 Callback = Callable[[Record], None]
@@ -61,50 +64,6 @@ class LanguageModelLoss:
         x, y = batch
         return model(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
                      loss_chunk_size=self.chunk_size)
-
-
-# --------------------------------------------------------------------------- distributed
-@dataclass(frozen=True)
-class DistContext:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed(device: torch.device) -> DistContext:
-    """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return DistContext()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def _all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    if ctx.enabled:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value = value / ctx.world_size
-    return value
-
-
-def _on_any_rank(flag: bool, ctx: DistContext, device: torch.device) -> bool:
-    """True on every rank if `flag` is true on one. Each rank measures its own time, so
-    without this one rank could stop at `max_time` while the others wait forever in the
-    next step's all-reduce."""
-    if not ctx.enabled:
-        return flag
-    value = torch.tensor(float(flag), device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -166,9 +125,10 @@ def train_step(runner: torch.nn.Module, optimizer: torch.optim.Optimizer, batche
                device: torch.device, ctx: DistContext = DistContext()) -> tuple[float, float]:
     """One optimizer step over `accum_steps` micro-batches; returns (mean loss, grad norm).
 
-    `runner` is the model, or its compiled / DDP wrapper (through which the forward
-    must go for DDP to all-reduce gradients). Raises `TrainingDiverged` without
-    touching the weights when the loss or the gradient is not finite.
+    `runner` is what `minigpt.distributed.wrap_model` returned: the model, compiled, under
+    DDP (through which the forward must go for DDP to all-reduce gradients) or sharded.
+    Raises `TrainingDiverged` without touching the weights when the loss or the gradient
+    is not finite.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -179,14 +139,15 @@ def train_step(runner: torch.nn.Module, optimizer: torch.optim.Optimizer, batche
         # other dropout masks. Fetching under fork_rng keeps the loader off that RNG.
         with torch.random.fork_rng(devices=[]):
             batch = next(batches)
-        # Only the last micro-batch all-reduces gradients; the others just accumulate.
+        # Only the last micro-batch reduces gradients across ranks; the others just accumulate.
         sync = not ctx.enabled or micro == accum_steps - 1
-        with (contextlib.nullcontext() if sync else runner.no_sync()), autocast_for(device, precision):
-            loss = loss_fn(runner, batch, device) / accum_steps
-        loss.backward()
+        with contextlib.nullcontext() if sync else accumulating(runner):
+            with autocast_for(device, precision):
+                loss = loss_fn(runner, batch, device) / accum_steps
+            loss.backward()
         loss_sum += loss.detach().float()
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(runner.parameters(), grad_clip or math.inf))
-    loss_value = float(_all_reduce_mean(loss_sum, ctx))
+    grad_norm = as_float(torch.nn.utils.clip_grad_norm_(runner.parameters(), grad_clip or math.inf))
+    loss_value = float(all_reduce_mean(loss_sum, ctx))
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         raise TrainingDiverged(f"train loss is {loss_value}, grad norm {grad_norm}; "
                                f"stopped without applying the update")
@@ -214,7 +175,7 @@ def evaluate(model: torch.nn.Module, loader: ResumableLoader, device: torch.devi
                 break  # before fetching a batch that would not be used
     if count == 0:
         raise ValueError("validation loader yielded no batch: the validation split is too small")
-    return float(_all_reduce_mean(total / count, ctx))
+    return float(all_reduce_mean(total / count, ctx))
 
 
 # --------------------------------------------------------------------------- state
@@ -243,8 +204,9 @@ class TrainState:
 
     @classmethod
     def from_saved(cls, saved: dict[str, Any]) -> TrainState:
-        """The counters of a checkpoint's saved state (which also holds its `run_info`)."""
-        return cls(**{k: v for k, v in saved.items() if k != "run_info"})
+        """The counters of a checkpoint's saved state (which also holds its `run_info` and
+        the world size that saved it)."""
+        return cls(**{k: v for k, v in saved.items() if k not in ("run_info", "world_size")})
 
 
 @dataclass
@@ -278,8 +240,7 @@ def _resume_path(cfg: TrainConfig, out_dir: Path) -> Path | None:
     if cfg.resume == "never":
         return None
     if cfg.resume == "auto":
-        last = out_dir / "last.safetensors"
-        return last if last.exists() else None
+        return last_checkpoint(out_dir)
     path = Path(cfg.resume)
     if not path.exists():
         raise CheckpointError(f"train.resume: checkpoint {path} does not exist")
@@ -288,47 +249,86 @@ def _resume_path(cfg: TrainConfig, out_dir: Path) -> Path | None:
 
 def _restore(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: ResumableLoader,
              run_info: dict[str, Any], cfg: TrainConfig, ctx: DistContext) -> TrainState:
-    """Load a checkpoint into model, optimizer, RNG and loader; return its counters."""
+    """Load a checkpoint (a file, or an FSDP run's folder) into model, optimizer, RNG and
+    loader; return its counters. Any checkpoint loads under any strategy and world size."""
     # Check the data from the header first, so a refused checkpoint leaves model and RNG untouched.
-    saved_info = read_checkpoint_state(path).get("run_info", {})
+    saved_info = read_any_state(path).get("run_info", {})
     for key in ("data_sha256", "tokenizer_sha256"):  # continuing on other data: the curves would lie
         old, new = saved_info.get(key), run_info.get(key)
         if old and new and old != new:
             raise CheckpointError(f"checkpoint {path}: trained with {key}={old[:12]}…, this run has {new[:12]}…")
-    state = TrainState.from_saved(load_checkpoint(path, model, optimizer, restore_rng=True))
-    if ctx.rank > 0:
-        # The checkpoint holds rank 0's RNG: other ranks would now draw its dropout
-        # masks. Give each its own stream again (exact resume holds for one process).
+    if is_sharded_checkpoint(path):
+        saved, own_rng = load_sharded(path, model, optimizer, ctx, restore_rng=True)
+    elif is_sharded(model):
+        saved, own_rng = load_consolidated(path, model, optimizer, ctx, restore_rng=True)
+    else:
+        saved = load_checkpoint(path, model, optimizer, restore_rng=True, rank=ctx.rank)
+        own_rng = ctx.rank == 0 or saved.get("world_size") == ctx.world_size
+    state = TrainState.from_saved(saved)
+    if not own_rng:
+        # Saved at another world size: this rank would draw another rank's dropout masks.
+        # Give each its own stream again (exact resume holds at the world size of the save).
         seed_everything(cfg.seed + ctx.rank + ctx.world_size * state.step)
     loader.load_state_dict(state.train_loader)
     return state
 
 
 class _Checkpoints:
-    """`last.safetensors` and `best.safetensors` in `out_dir`, written by rank 0 only, and
-    never with non-finite weights: the last good checkpoint survives a diverged run."""
+    """`last` and `best` in `out_dir`, never with non-finite weights: the last good checkpoint
+    survives a diverged run. One process and DDP: `last.safetensors` and `best.safetensors`,
+    written by rank 0 with every rank's RNG. FSDP: `last.dcp/`, each rank writing its shard,
+    consolidated into `last.safetensors` when training ends; `best.safetensors` holds the
+    weights alone, gathered to rank 0 (what evaluation reads; no run resumes from it)."""
 
     def __init__(self, out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  loader: ResumableLoader, run_info: dict[str, Any], ctx: DistContext, saved_at: int) -> None:
         self.last, self.best = out_dir / "last.safetensors", out_dir / "best.safetensors"
         self.model, self.optimizer, self.loader, self.run_info, self.ctx = model, optimizer, loader, run_info, ctx
+        self.sharded = is_sharded(model)
         self.last_saved_at = saved_at  # the step `last` holds
 
     def diverged(self, step: int, what: str) -> TrainingDiverged:
         """The error for a run gone NaN/inf. Nothing non-finite is ever saved, so `last` is good."""
-        kept = f"Last good checkpoint: {self.last}" if self.last.exists() else "No checkpoint was written yet"
+        last = last_checkpoint(self.last.parent)
+        kept = f"Last good checkpoint: {last}" if last else "No checkpoint was written yet"
         return TrainingDiverged(f"step {step}: {what}. {kept}. Try a lower train.lr or train.grad_clip.")
+
+    def _saved_state(self, state: TrainState) -> dict[str, Any]:
+        state.train_loader = self.loader.state_dict()
+        return {**state.__dict__, "run_info": self.run_info, "world_size": self.ctx.world_size}
 
     def save(self, path: Path, state: TrainState) -> None:
         # Finite losses do not imply finite weights: the update after the last checked loss
         # can overflow. A checkpoint of such weights must not replace the last good one.
-        if not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all():
+        finite = all(bool(torch.isfinite(local_tensor(p)).all()) for p in self.model.parameters())
+        if on_any_rank(not finite, self.ctx, next(self.model.parameters()).device):
             raise self.diverged(state.step, "the weights hold NaN/inf after the update")
-        state.train_loader = self.loader.state_dict()
+        saved = self._saved_state(state)
         if path == self.last:
             self.last_saved_at = state.step
+        if self.sharded:
+            if path == self.last:
+                save_sharded(sharded_path(path), self.model, self.optimizer, saved, self.ctx)
+            else:
+                consolidate(path, self.model, None, saved, self.ctx)
+            return
+        rngs = None
+        if self.ctx.enabled:
+            rngs = [None] * self.ctx.world_size
+            dist.all_gather_object(rngs, rng_state())  # each rank's, so each resumes its own masks
         if self.ctx.is_main:
-            save_checkpoint(path, self.model, self.optimizer, {**state.__dict__, "run_info": self.run_info})
+            save_checkpoint(path, self.model, self.optimizer, saved, rngs)
+            if path == self.last:  # an FSDP run's folder, killed before it ended, is now older
+                shutil.rmtree(sharded_path(path), ignore_errors=True)
+
+    def finish(self, state: TrainState) -> None:
+        """The sharded `last` as the one file every later stage reads (a collective)."""
+        if not self.sharded:
+            return
+        consolidate(self.last, self.model, self.optimizer, self._saved_state(state), self.ctx)
+        barrier(self.ctx)
+        if self.ctx.is_main:
+            shutil.rmtree(sharded_path(self.last), ignore_errors=True)  # the file holds the same step
 
 
 # --------------------------------------------------------------------------- loop
@@ -369,14 +369,12 @@ def train(
             f"micro_batch_size ({cfg.micro_batch_size}) x processes ({ctx.world_size})"
         )
 
+    runner = wrap_model(model, cfg, ctx, device)  # FSDP shards `model` in place: before the optimizer
     optimizer = build_optimizer(model, cfg, device)
     seed_everything(cfg.seed + ctx.rank)  # dropout masks differ per rank, as they should
     resume_from = _resume_path(cfg, out_dir)
     state = TrainState() if resume_from is None else _restore(
         resume_from, model, optimizer, train_loader, run_info, cfg, ctx)
-    runner: torch.nn.Module = compiled(model) if cfg.compile else model
-    if ctx.enabled:
-        runner = DistributedDataParallel(runner, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
 
     seq_len = max_length or model.cfg.context_length
     tokens_per_step = cfg.global_batch_size * seq_len
@@ -405,7 +403,7 @@ def train(
         while True:
             reason = stop_reason(state, cfg, check_time=False)  # the same on every rank
             if cfg.max_time is not None:  # every rank stops at the same step
-                reason = reason or ("max_time" if _on_any_rank(state.train_time >= cfg.max_time, ctx, device) else None)
+                reason = reason or ("max_time" if on_any_rank(state.train_time >= cfg.max_time, ctx, device) else None)
             if reason is not None:
                 break
 
@@ -448,12 +446,12 @@ def train(
 
             if state.step % checkpoint_interval == 0:
                 checkpoints.save(checkpoints.last, state)
-        if checkpoints.last_saved_at != state.step or not checkpoints.last.exists():
+        if checkpoints.last_saved_at != state.step or last_checkpoint(out_dir) is None:
             checkpoints.save(checkpoints.last, state)
+        checkpoints.finish(state)
     finally:
         bar.close()
-    if ctx.enabled:
-        dist.barrier()
+    barrier(ctx)
     best = checkpoints.best if checkpoints.best.exists() else None
     return TrainResult(state, reason, checkpoints.last, best, state.history)
 

@@ -186,16 +186,30 @@ class ResumableDataLoader(DataLoader):
         )
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue where `state` stopped, also on another number of processes (or micro-batch
+        size): every rank serves every world_size-th window of the epoch's one permutation, so
+        the windows served so far are `position x batch_size x world_size`, whichever split."""
         sampler = self.batch_sampler
-        for key in ("seed", "num_windows", "batch_size", "world_size"):
+        for key in ("seed", "num_windows"):
             if state[key] != getattr(sampler, key):
                 raise DataError(
                     f"loader state: saved with {key}={state[key]} but this loader has {key}="
                     f"{getattr(sampler, key)}; it would not continue the same sequence of batches"
                 )
-        if not 0 <= state["position"] < len(sampler):
-            raise DataError(f"loader state: position {state['position']} outside [0, {len(sampler)})")
-        sampler.epoch, sampler.position = int(state["epoch"]), int(state["position"])
+        position = state["position"]
+        saved_split, split = (state["batch_size"], state["world_size"]), (sampler.batch_size, sampler.world_size)
+        if saved_split != split:
+            saved_per_batch, per_batch = state["batch_size"] * state["world_size"], sampler.batch_size * sampler.world_size
+            served = position * saved_per_batch
+            saved_epoch = sampler.num_windows // state["world_size"] // state["batch_size"] * saved_per_batch  # windows
+            if served % per_batch or saved_epoch != len(sampler) * per_batch:
+                raise DataError(
+                    f"loader state: saved with batch_size x world_size = {saved_split[0]} x {saved_split[1]}, this "
+                    f"loader has {split[0]} x {split[1]}; its epochs or batches do not line up with the saved ones")
+            position = served // per_batch
+        if not 0 <= position < len(sampler):
+            raise DataError(f"loader state: position {position} outside [0, {len(sampler)})")
+        sampler.epoch, sampler.position = int(state["epoch"]), int(position)
 
 
 def create_dataloader(
