@@ -25,7 +25,7 @@ RECIPE_SWEEP ?= conf/sweeps/recipe.txt
 FINETUNE_SWEEP ?= conf/sweeps/finetune.txt
 FINETUNE_SEEDS ?= 123,124,125
 
-.PHONY: help setup test test-fast run params sweep sweep-recipe sweep-finetune compare ui notebooks notebooks-clear bench bench-quick headline stack stack-down stack-status clean distclean
+.PHONY: help setup test test-fast run params sweep sweep-recipe sweep-finetune compare ui notebooks notebooks-clear bench bench-quick bench-memory headline stack stack-down stack-status clean distclean
 
 help:
 	@echo "make setup      create .venv, install torch (CPU) + minigpt[pipeline,team,dev], cache the tokenizer"
@@ -124,6 +124,13 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) -m benchmarks.bench --quick --out reports/bench-quick.json
+
+# Bytes per process for training (weights, gradients, AdamW moments), DDP and FSDP, 1 and 2 processes.
+bench-memory: $(STAMP)
+	for preset in gpt2-small gpt2-124M; do \
+	  OMP_NUM_THREADS=1 $(PY) benchmarks/memory_per_rank.py $$preset && \
+	  OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/memory_per_rank.py $$preset \
+	  || exit 1; done
 
 # Minutes of training in a fresh clone of HEAD: a benchmark, not a test (see benchmarks/headline.py).
 headline: $(STAMP)

@@ -12,6 +12,7 @@ writes the reports of the whole run and logs them with the best checkpoint and t
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import math
@@ -26,11 +27,12 @@ import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
-from minigpt.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_state, remove_partial_checkpoints
+from minigpt.checkpoint import CheckpointError, load_checkpoint, remove_partial_checkpoints
 from minigpt.config import TrackingConfig, TrainConfig
 from minigpt.io import atomic_path, sha256_bytes, write_json_atomic, write_text_atomic
 from minigpt.model import GPTModel
 from minigpt.distributed import DistContext, init_distributed
+from minigpt.sharded_checkpoint import last_checkpoint, read_any_state
 from minigpt.train import LossFn, Record, ResumableLoader, TrainState, stop_reason, train
 from pipeline import paths
 from pipeline.common import StageError, project_modules, stage_device
@@ -62,13 +64,13 @@ def resume_mode(train_cfg: TrainConfig, run_config: dict, code_sha256: str,
                 checkpoints: Path = paths.CHECKPOINTS, stage: str = "pretrain") -> tuple[str, dict[str, Any] | None]:
     """Continue `<checkpoints>/last` only if it was trained with this config and code, and no
     budget was cut. Returns (train.resume to use, the saved state of the run continued)."""
-    last = checkpoints / "last.safetensors"
-    if train_cfg.resume != "auto" or not last.exists():
+    last = last_checkpoint(checkpoints)  # an FSDP run's shards until it ends, else the file
+    if train_cfg.resume != "auto" or last is None:
         return train_cfg.resume, None
     try:
-        # The whole file, not just its header: a corrupted checkpoint found only once a
-        # run has been reopened would mark a finished run FAILED.
-        saved = read_checkpoint_state(last, verify=True)
+        # The whole checkpoint, not just its header: a corrupted one found only once a run
+        # has been reopened would mark a finished run FAILED.
+        saved = read_any_state(last, verify=True)
     except CheckpointError as err:
         print(f"{stage}: not resuming: {err}; starting afresh")
         return "never", None
@@ -203,10 +205,15 @@ def tracked_training(
 
     # A finished run stays finished: training it further (a raised budget) is a new run.
     reopen, continues = (None, previous) if status == "FINISHED" else (previous, None)
+    # FSDP shards `model` in place; the model logged at the end is a plain copy (rank 0 holds
+    # one more set of weights, not the gradients and moments that sharding saves).
+    to_log = copy.deepcopy(model) if ctx.enabled and train_cfg.strategy == "fsdp" else model
     started = time.time()
     with start_run(tracking, params, run_info, name=name, name_keys=name_keys, description=description,
                    reopen_run_id=reopen, continues_run_id=continues, tags=tags) as active:
         run_info["mlflow_run_id"] = active.info.run_id
+        if ctx.restarts:  # torchrun restarted the workers (--max-restarts): the same run goes on
+            mlflow.set_tag("torchelastic.restarts", str(ctx.restarts))
         metric_logger = metric_logger_for(active.info.run_id, saved_state, reopened=reopen is not None)
         result = train(model, train_cfg, train_loader, val_loader, outputs.checkpoints,
                        callbacks=(metric_logger,), **train_args)
@@ -227,10 +234,10 @@ def tracked_training(
         best = result.best_checkpoint or result.last_checkpoint
         mlflow.log_artifact(str(best), artifact_path="checkpoint")
         if tracking.log_model:
-            load_checkpoint(best, model)
-            log_model(model.cpu(), tracking.register_model)
-            if isinstance(model, GPTModel):  # text in, text out; a classifier (finetune) is not
-                log_generator(model, best)
+            load_checkpoint(best, to_log)
+            log_model(to_log.cpu(), tracking.register_model)
+            if isinstance(to_log, GPTModel):  # text in, text out; a classifier (finetune) is not
+                log_generator(to_log, best)
         write_json_atomic(outputs.run_file, describe(active.info.run_id, active.info.experiment_id))
     print(f"{stage}: {metrics['steps']} steps, best val loss {metrics['best_val_loss']:.3f}, "
           f"{metrics['tokens_per_s']:,.0f} tokens/s in {time.time() - started:.0f} s, "
