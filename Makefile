@@ -41,6 +41,7 @@ help:
 	@echo "make notebooks  run notebooks/*.ipynb in place (after make run); make notebooks-clear before committing"
 	@echo "make bench      run the benchmarks (~15 min) -> reports/bench.json"
 	@echo "make bench-quick  a ~3-minute smoke of them -> reports/bench-quick.json"
+	@echo "make bench-memory  bytes per process for training, DDP vs FSDP, 1 and 2 processes"
 	@echo "make headline   make run on a fresh clone: every number the README quotes vs benchmarks/headline.json"
 	@echo "make stack      start the team stack: PostgreSQL + S3 (SeaweedFS) + MLflow server, state in .stack/"
 	@echo "make stack-status  each service's health;  make stack-down  stop them all"
