@@ -65,6 +65,7 @@ def test_default_composition_is_the_quick_cpu_run():
         ("train.device=banana", "train.device: expected auto, cpu, cuda, cuda:N or mps, got 'banana'"),
         ("data.max_length=4096", "data.max_length: max_length (4096) must be <= model.context_length (128)"),
         ("train.precision=fp8", "train.precision: Input should be 'fp32' or 'bf16'"),
+        ("train.strategy=fsdp", "train.strategy: fsdp shards every matrix across processes and muon"),  # default: muon
         ("sample.top_p=1.5", "sample.top_p: Input should be less than or equal to 1"),
         ("finetune.max_length=4096", "finetune.max_length: max_length (4096) must be <= model.context_length (128)"),
         ("finetune.trainable=some", "finetune.trainable: Input should be 'head', 'last_block' or 'all'"),
