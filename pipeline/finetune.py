@@ -31,7 +31,8 @@ from pipeline import paths
 from pipeline.common import StageError, load_config, read_params, stage_main
 from pipeline.run import recorded_run
 from pipeline.trained import load_init_model
-from pipeline.training import Outputs, code_fingerprint, resume_mode, start_training_stage, tracked_training
+from pipeline.training import (Outputs, RunSpec, TrainingInputs, code_fingerprint, resume_mode, start_training_stage,
+                               tracked_training)
 
 OUTPUTS = Outputs(paths.FINETUNE_CHECKPOINTS, paths.FINETUNE_CURVE, paths.FINETUNE_CURVE_PNG,
                   paths.FINETUNE_METRICS, paths.FINETUNE_RUN)
@@ -124,15 +125,12 @@ def main() -> None:
                         f"(#/experiments/{pretrain['experiment_id']}/runs/{pretrain['run_id']})")
 
     eval_metrics = val_accuracy(val_loader, device) if ft.task == "classification" else None
-    tracked_training(
-        "finetune", OUTPUTS, model, train_cfg, saved, tracking=cfg.tracking,
-        params={k: params[k] for k in ("model", "finetune")}, run_info=run_info,
-        tags=tags, name=f"finetune·{ft.task}·{ft.trainable}", name_keys=("finetune.",), train_loader=train_loader,
-        val_loader=val_loader, device=device, ctx=ctx, max_length=manifest["max_length"],
-        experiment_id=experiment_id, description=description,
-        loss_fn=ClassificationLoss() if ft.task == "classification" else LanguageModelLoss(ft.train.loss_chunk_size),
-        eval_metrics=eval_metrics,
-    )
+    loss_fn = ClassificationLoss() if ft.task == "classification" else LanguageModelLoss(ft.train.loss_chunk_size)
+    inputs = TrainingInputs(model, train_cfg, train_loader, val_loader, device, ctx, manifest["max_length"], run_info,
+                            loss_fn=loss_fn, eval_metrics=eval_metrics)
+    run = RunSpec(experiment_id, {k: params[k] for k in ("model", "finetune")}, tags=tags,
+                  name=f"finetune·{ft.task}·{ft.trainable}", name_keys=("finetune.",), description=description)
+    tracked_training("finetune", OUTPUTS, inputs, run, cfg.tracking, saved)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from minigpt.utils import seed_everything
 from pipeline import paths
 from pipeline.common import load_config, read_params, stage_main
 from pipeline.run import preset_name
-from pipeline.training import Outputs, code_fingerprint, resume_mode, start_training_stage, tracked_training
+from pipeline.training import (Outputs, RunSpec, TrainingInputs, code_fingerprint, resume_mode, start_training_stage,
+                               tracked_training)
 
 OUTPUTS = Outputs(paths.CHECKPOINTS, paths.TRAIN_CURVE, paths.TRAIN_CURVE_PNG, paths.TRAIN_METRICS,
                   paths.MLFLOW_RUN)
@@ -56,15 +57,12 @@ def main() -> None:
     run_info = {"config": run_config, "data_sha256": data_fingerprint(cfg.model.vocab_size),
                 "tokenizer_sha256": RANKS_SHA256, "code_sha256": code_sha256}
     preset, corpus = preset_name(params["model"]), cfg.data.source.kind
-    tracked_training(
-        "pretrain", OUTPUTS, model, train_cfg, saved, tracking=cfg.tracking, params=params, run_info=run_info,
-        tags={"stage": "pretrain", "model.preset": preset, "model.parameters": str(model.num_parameters())},
-        name=f"{preset}·{corpus}", name_keys=("model.", "data.", "train."),
-        description=(f"Pretraining of {preset} ({model.num_parameters():,} parameters) on the `{corpus}` corpus, "
-                     f"{train_cfg.max_steps} steps; evaluated and sampled in the same run."),
-        train_loader=train_loader, val_loader=val_loader,
-        device=device, ctx=ctx, max_length=cfg.data.max_length, experiment_id=experiment_id,
-    )
+    inputs = TrainingInputs(model, train_cfg, train_loader, val_loader, device, ctx, cfg.data.max_length, run_info)
+    run = RunSpec(experiment_id, params, name=f"{preset}·{corpus}", name_keys=("model.", "data.", "train."),
+                  tags={"stage": "pretrain", "model.preset": preset, "model.parameters": str(model.num_parameters())},
+                  description=(f"Pretraining of {preset} ({model.num_parameters():,} parameters) on the `{corpus}` "
+                               f"corpus, {train_cfg.max_steps} steps; evaluated and sampled in the same run."))
+    tracked_training("pretrain", OUTPUTS, inputs, run, cfg.tracking, saved)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from minigpt.io import atomic_path, sha256_bytes, write_json_atomic, write_text_
 from minigpt.model import GPTModel
 from minigpt.distributed import DistContext, init_distributed
 from minigpt.sharded_checkpoint import last_checkpoint, read_any_state
-from minigpt.train import LossFn, Record, ResumableLoader, TrainState, stop_reason, train
+from minigpt.train import LossFn, Record, ResumableLoader, TrainResult, TrainState, stop_reason, train
 from pipeline import paths
 from pipeline.common import StageError, project_modules, stage_device
 from pipeline.run import connect, describe, start_run
@@ -175,21 +175,46 @@ def write_reports(outputs: Outputs, state: TrainState, reason: str, n_params: in
     return metrics
 
 
-def tracked_training(
-    stage: str, outputs: Outputs, model: torch.nn.Module, train_cfg: TrainConfig, saved: dict[str, Any] | None,
-    *, tracking: TrackingConfig, params: dict[str, Any], run_info: dict[str, Any], tags: dict[str, str],
-    name: str, name_keys: tuple[str, ...], description: str, train_loader: ResumableLoader,
-    val_loader: ResumableLoader, device: torch.device, ctx: DistContext, max_length: int | None,
-    experiment_id: str | None, loss_fn: LossFn | None = None,
-    eval_metrics: Callable[[torch.nn.Module], dict[str, float]] | None = None,
-) -> None:
+@dataclass
+class TrainingInputs:
+    """What a training stage trains: the model and everything `minigpt.train.train` takes."""
+
+    model: torch.nn.Module
+    train_cfg: TrainConfig
+    train_loader: ResumableLoader
+    val_loader: ResumableLoader
+    device: torch.device
+    ctx: DistContext
+    max_length: int | None
+    run_info: dict[str, Any]  # into every checkpoint; gains `mlflow_run_id` once the run is open
+    loss_fn: LossFn | None = None  # None: language modelling
+    eval_metrics: Callable[[torch.nn.Module], dict[str, float]] | None = None
+
+    def train(self, out_dir: Path, callbacks: tuple[Callable[[Record], None], ...] = ()) -> TrainResult:
+        return train(self.model, self.train_cfg, self.train_loader, self.val_loader, out_dir, callbacks=callbacks,
+                     loss_fn=self.loss_fn, eval_metrics=self.eval_metrics, run_info=self.run_info,
+                     device=self.device, ctx=self.ctx, max_length=self.max_length)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """The stage's MLflow run, as `pipeline.run.start_run` names, describes and tags it."""
+
+    experiment_id: str | None
+    params: dict[str, Any]
+    tags: dict[str, str]
+    name: str
+    name_keys: tuple[str, ...]
+    description: str
+
+
+def tracked_training(stage: str, outputs: Outputs, inputs: TrainingInputs, run: RunSpec,
+                     tracking: TrackingConfig, saved: dict[str, Any] | None) -> None:
     """Train (`saved`: the checkpoint state `resume_mode` chose to continue) inside an MLflow
-    run (named and described as `pipeline.run.start_run` says), then write and log the
-    reports, the best checkpoint and the model."""
-    train_args = dict(loss_fn=loss_fn, eval_metrics=eval_metrics, run_info=run_info, device=device,
-                      ctx=ctx, max_length=max_length)
+    run, then write and log the reports, the best checkpoint and the model."""
+    model, train_cfg, ctx = inputs.model, inputs.train_cfg, inputs.ctx
     if not ctx.is_main:  # only rank 0 talks to MLflow and writes files
-        train(model, train_cfg, train_loader, val_loader, outputs.checkpoints, **train_args)
+        inputs.train(outputs.checkpoints)
         return
 
     previous = saved["run_info"].get("mlflow_run_id") if saved else None
@@ -198,7 +223,7 @@ def tracked_training(
     if saved_state and status == "FINISHED" and (reason := stop_reason(saved_state, train_cfg)):
         # Nothing left to train, and its run is complete: leave the run as it is.
         write_reports(outputs, saved_state, reason, model.num_parameters())
-        write_json_atomic(outputs.run_file, describe(previous, experiment_id))
+        write_json_atomic(outputs.run_file, describe(previous, run.experiment_id))
         print(f"{stage}: {outputs.checkpoints}/last already holds the finished run ({saved_state.step} steps, "
               f"{reason}); reports regenerated, MLflow run {previous} unchanged")
         return
@@ -209,14 +234,14 @@ def tracked_training(
     # one more set of weights, not the gradients and moments that sharding saves).
     to_log = copy.deepcopy(model) if ctx.enabled and train_cfg.strategy == "fsdp" else model
     started = time.time()
-    with start_run(tracking, params, run_info, name=name, name_keys=name_keys, description=description,
-                   reopen_run_id=reopen, continues_run_id=continues, tags=tags) as active:
-        run_info["mlflow_run_id"] = active.info.run_id
+    with start_run(tracking, run.params, inputs.run_info, name=run.name, name_keys=run.name_keys,
+                   description=run.description, reopen_run_id=reopen, continues_run_id=continues,
+                   tags=run.tags) as active:
+        inputs.run_info["mlflow_run_id"] = active.info.run_id
         if ctx.restarts:  # torchrun restarted the workers (--max-restarts): the same run goes on
             mlflow.set_tag("torchelastic.restarts", str(ctx.restarts))
         metric_logger = metric_logger_for(active.info.run_id, saved_state, reopened=reopen is not None)
-        result = train(model, train_cfg, train_loader, val_loader, outputs.checkpoints,
-                       callbacks=(metric_logger,), **train_args)
+        result = inputs.train(outputs.checkpoints, callbacks=(metric_logger,))
         try:
             metric_logger.close(timeout=tracking.outage_wait)
         except StageError:

@@ -193,12 +193,13 @@ def test_checkpoints_resume_at_another_world_size_through_the_shards_or_the_file
 # --------------------------------------------------------------------------- several nodes
 def _agent(node: int, port: int, args: list[str], log: Path, *, join_timeout: int = 60) -> subprocess.Popen:
     """One torchrun agent of a 2-node job on loopback (node 0 hosts the rendezvous store), as
-    the README's multi-node recipe starts one per machine; it restarts its worker up to 3 times."""
+    the README's multi-node recipe starts one per machine; it restarts its worker once."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-           "--max-restarts", "3", "--monitor-interval", "0.5", "--rdzv-backend", "c10d",
+           "--max-restarts", "1", "--monitor-interval", "0.5", "--rdzv-backend", "c10d",
            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "minigpt-two-nodes",
            "--rdzv-conf", f"join_timeout={join_timeout},is_host={'true' if node == 0 else 'false'}", *args]
-    return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log.open("w"),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # as the README says
+    return subprocess.Popen(cmd, env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -233,10 +234,9 @@ def test_two_nodes_train_like_one_and_a_killed_worker_restarts_the_group_bit_exa
     assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
 
     rank0, rank1 = _rank(records, 0), _rank(records, 1)
-    # Each agent counts the rounds it restarted its worker in: the agent whose worker died starts
-    # a new round at once, the other learns of it when its own worker fails on the lost peer, and
-    # on loopback the new round sometimes fails its first connections once more (seen: 1 and 2).
-    assert rank0["restarts"] >= 1 and rank1["restarts"] >= 1
+    # One restart of the whole group: each rank reports the group's count (the agents' own counts
+    # differ: the one whose worker was killed counts it, the other may restart without counting).
+    assert rank0["restarts"] == rank1["restarts"] == 1
     assert [r["step"] for r in rank0["records"] if r["kind"] == "train"] == [5, 6, 7, 8]  # from `last` at 4
     assert rank1["saves"] == [] and rank1["records"] == []  # only global rank 0 writes and reports
     want, got = _weights_and_moments(one_node / "last.safetensors"), _weights_and_moments(out / "last.safetensors")

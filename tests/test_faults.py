@@ -7,6 +7,7 @@ output) and what MLflow shows (no run left RUNNING, no finished run turned FAILE
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -252,3 +253,59 @@ def test_a_manifest_pointing_outside_its_folder_is_refused(project):
     manifest_path.write_text(json.dumps(manifest))
     line = one_error_line(stage(project, "pretrain"), "pretrain")
     assert "../val/shard_000000.bin" in line and "data/tokens/train" in line
+
+
+def test_a_worker_killed_under_torchrun_restarts_the_group_into_the_same_run(project, tmp_path):
+    """Issue 21: `torchrun --max-restarts 1 -m pipeline.pretrain` on 2 processes, the rank-1 worker
+    SIGKILLed once `last` exists: torchrun restarts both, training continues from `last` in the
+    same MLflow run, which ends FINISHED with each step logged once and the restart counted."""
+    import psutil
+
+    compose_smoke(project, "train.max_steps=30", "train.eval_interval=10")
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
+           "--monitor-interval", "0.5", "-m", "pipeline.pretrain"]
+    log = tmp_path / "torchrun.log"  # a file, not a pipe: nobody reads while the test waits
+    with log.open("w") as out:
+        env = env_for(project, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")  # as the README says
+        proc = subprocess.Popen(cmd, cwd=project, env=env, start_new_session=True,
+                                stdout=out, stderr=subprocess.STDOUT)
+
+    def rank1_worker() -> psutil.Process | None:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if child.environ().get("RANK") == "1" and "pipeline.pretrain" in " ".join(child.cmdline()):
+                    return child
+        return None
+
+    try:
+        killed = kill_when_found(proc, lambda: (project / "checkpoints/last.safetensors").exists() and rank1_worker())
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            for child in psutil.Process(proc.pid).children(recursive=True):  # workers: sessions of their own
+                child.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = log.read_text()
+    assert killed, f"training ended before a worker could be killed:\n{output[-3000:]}"
+    assert proc.returncode == 0, output[-3000:]
+    assert "resuming from" in output
+    ((run_id, status),) = statuses(project).items()  # one run, not a second one after the restart
+    assert status == "FINISHED"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store(project))
+    assert client.get_run(run_id).data.tags["torchelastic.restarts"] == "1"
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == list(range(1, 31))
+    assert json.loads((project / "reports/train.json").read_text())["steps"] == 30
+
+
+def kill_when_found(proc: subprocess.Popen, find: Callable[[], object], timeout: float = 300) -> bool:
+    """SIGKILL the process `find()` returns as soon as it returns one; False if `proc` ended first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        target = find()
+        if target:
+            target.kill()
+            return True
+        time.sleep(0.01)
+    return False

@@ -53,10 +53,32 @@ def init_distributed(device: torch.device, timeout_s: float = 300) -> DistContex
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if world_size == 1:
         return DistContext(restarts=restarts)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)  # one GPU per process on each node; NCCL needs it set first
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 timeout=timedelta(seconds=timeout_s))
-    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), restarts)
+    rank = dist.get_rank()
+    if restarts == 0 and rank == 0 and _shares_the_agent_store():
+        print("torchrun: the workers share the launcher's key-value store, which keeps the keys of the "
+              "attempt before a restart; set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun so that a "
+              "restart cannot stall (README: Train on several machines)")
+    # Each agent counts only the restarts its own workers' failures caused; the one whose worker
+    # died may not be rank 0's. The run reports the group's count.
+    count = torch.tensor(restarts, device=device if device.type == "cpu" else torch.device("cuda", local_rank))
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return DistContext(rank, dist.get_world_size(), local_rank, int(count.item()))
+
+
+def _shares_the_agent_store() -> bool:
+    """torchrun with restarts allowed and workers meeting in the agent's store. That store outlives
+    a restart (torch 2.13, c10d rendezvous): a restarted rank can read its dead peer's address and
+    fail to connect (1 restart in 3 here), or the ranks of agents that counted the restart
+    differently wait for each other's keys until the timeout. With the opt-out, rank 0's worker
+    hosts a fresh store each round (8 of 8 restarts clean under load)."""
+    return (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
