@@ -99,41 +99,36 @@ def test_init_weights_of_another_vocabulary_are_refused(project):
     assert not (project / "checkpoints-finetune/last.safetensors").exists()
 
 
-def test_resuming_a_checkpoint_of_another_number_of_classes(project):
-    """2 classes (10 a, 20 b), then 3 (10 each) with `train.resume` naming the 2-class checkpoint:
-    its head has 2 rows, the new model's 3. Said before anything else is compared."""
+def test_resuming_a_checkpoint_of_other_classes_or_other_data_is_refused(project):
+    """A 2-class finetune (10 a, 20 b), then `train.resume` naming its checkpoint (one training
+    serves both cases):
+    - 3 classes (10 each): its head has 2 rows, the new model's 3. Said before anything else;
+    - the same 2 classes on other rows (20 a, 10 b; both split 21/3/6 into two-token texts):
+      refused by the data's sha256."""
     write_csv(project / "two.csv", ["a"] * 10 + ["b"] * 20)
     write_csv(project / "three.csv", ["a"] * 10 + ["b"] * 10 + ["c"] * 10)
+    write_csv(project / "other.csv", ["a"] * 20 + ["b"] * 10)
     compose_smoke(project, *local_csv("two.csv", ["a", "b"]))
     run(project, "dvc", "repro", "finetune")
     before = statuses(project)
     assert sorted(before.values()) == ["FINISHED", "FINISHED"]  # pretrain and the 2-class finetune
+    last = (project / "checkpoints-finetune/last.safetensors").read_bytes()
+    resume = "finetune.train.resume=checkpoints-finetune/last.safetensors"
 
-    compose_smoke(project, *local_csv("three.csv", ["a", "b", "c"]),
-                  "finetune.train.resume=checkpoints-finetune/last.safetensors")
+    compose_smoke(project, *local_csv("three.csv", ["a", "b", "c"]), resume)
     prepared = stage(project, "finetune_prepare")
     assert prepared.returncode == 0, prepared.stderr[-2000:]
-    last = (project / "checkpoints-finetune/last.safetensors").read_bytes()
     line = one_error_line(stage(project, "finetune"), "finetune")
     assert line == ("finetune: error: params.yaml: finetune.data.classes: checkpoints-finetune/last.safetensors "
                     "was trained with 2 classes ['a', 'b'], this config has 3 ['a', 'b', 'c']"), line
-    after = statuses(project)
-    assert {run_id: after[run_id] for run_id in before} == before  # the earlier runs stay FINISHED
-    assert [s for run_id, s in after.items() if run_id not in before] in ([], ["FAILED"])
-    assert (project / "checkpoints-finetune/last.safetensors").read_bytes() == last  # never replaced
 
-
-def test_resuming_on_other_data_of_the_same_sizes_is_refused(project):
-    """10 a + 20 b, then 20 a + 10 b: both split 21/3/6 into two-token texts, different rows."""
-    write_csv(project / "first.csv", ["a"] * 10 + ["b"] * 20)
-    write_csv(project / "other.csv", ["a"] * 20 + ["b"] * 10)
-    compose_smoke(project, *local_csv("first.csv", ["a", "b"]))
-    run(project, "dvc", "repro", "finetune")
-    before = statuses(project)
-    compose_smoke(project, *local_csv("other.csv", ["a", "b"]), "finetune.train.max_steps=6",
-                  "finetune.train.resume=checkpoints-finetune/last.safetensors")
+    compose_smoke(project, *local_csv("other.csv", ["a", "b"]), "finetune.train.max_steps=6", resume)
     prepared = stage(project, "finetune_prepare")
     assert prepared.returncode == 0, prepared.stderr[-2000:]
     line = one_error_line(stage(project, "finetune"), "finetune")
     assert "data_sha256" in line, line
-    assert "FINISHED" not in [s for run_id, s in statuses(project).items() if run_id not in before]
+
+    after = statuses(project)
+    assert {run_id: after[run_id] for run_id in before} == before  # the earlier runs stay FINISHED
+    assert "FINISHED" not in [s for run_id, s in after.items() if run_id not in before]
+    assert (project / "checkpoints-finetune/last.safetensors").read_bytes() == last  # never replaced
