@@ -80,15 +80,9 @@ def tied_aliases(model: torch.nn.Module) -> set[str]:
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Model weights without aliases (a tied head shares the embedding's storage)."""
-    seen: set[int] = set()
-    out = {}
-    for name, t in model.state_dict().items():
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        out[name] = t.detach().cpu().contiguous()
-    return out
+    """Model weights without aliases (a tied head is the embedding under a second name)."""
+    aliases = tied_aliases(model)
+    return {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items() if name not in aliases}
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,

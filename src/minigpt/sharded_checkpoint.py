@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, get_state_dict,
@@ -132,8 +133,6 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     same_world = header["world_size"] == ctx.world_size
     if restore_rng and same_world:
         rng_file = path / f"rng.rank{ctx.rank}.safetensors"
-        from safetensors import safe_open
-
         with safe_open(str(rng_file), framework="pt") as f:
             meta = json.loads(f.metadata()["rng"])
         set_rng_state(load_file(str(rng_file)), meta)

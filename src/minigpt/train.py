@@ -300,7 +300,7 @@ class _Checkpoints:
     def save(self, path: Path, state: TrainState) -> None:
         # Finite losses do not imply finite weights: the update after the last checked loss
         # can overflow. A checkpoint of such weights must not replace the last good one.
-        finite = all(bool(torch.isfinite(local_tensor(p)).all()) for p in self.model.parameters())
+        finite = bool(torch.stack([torch.isfinite(local_tensor(p)).all() for p in self.model.parameters()]).all())
         if on_any_rank(not finite, self.ctx, next(self.model.parameters()).device):
             raise self.diverged(state.step, "the weights hold NaN/inf after the update")
         saved = self._saved_state(state)
