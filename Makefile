@@ -28,7 +28,7 @@ FINETUNE_SEEDS ?= 123,124,125
 .PHONY: help setup test test-fast run params sweep sweep-recipe sweep-finetune compare ui notebooks notebooks-clear bench bench-quick bench-memory headline stack stack-down stack-status clean distclean
 
 help:
-	@echo "make setup      create .venv, install torch (CPU) + minigpt[pipeline,team,dev], cache the tokenizer"
+	@echo "make setup      create .venv, install torch (CPU) + minigpt[pipeline,team,interop,dev], cache the tokenizer"
 	@echo "make test       full test suite (PYTEST_ARGS='...' to pass options)"
 	@echo "make test-fast  tests not marked slow"
 	@echo "make run        run the pipeline (dvc repro) on the default corpus"

@@ -60,7 +60,7 @@ else
     log "installing $TORCH_PIN (CPU build)"
     "$PY" -m pip install "$TORCH_PIN"
     log "installing minigpt (editable) with the pipeline, team and dev extras"
-    "$PY" -m pip install -e '.[pipeline,team,dev]'
+    "$PY" -m pip install -e '.[pipeline,team,interop,dev]'
     "$PY" -c 'import torch, tiktoken, minigpt; print("setup: torch", torch.__version__)' >&2
     printf '%s\n' "$want" > "$STAMP.tmp"
     mv -f "$STAMP.tmp" "$STAMP"

@@ -30,6 +30,7 @@ from typing import TextIO
 import yaml
 
 from minigpt.checkpoint import read_checkpoint_state
+from minigpt.export import GGUF_PRECISIONS, export_gguf, export_hf
 from minigpt.serving import GENERATION_DEFAULTS, load_language_model, stream_text
 from minigpt.utils import pick_device
 
@@ -58,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="weights to decode with: bf16 halves the memory read per token (default fp32)")
     info = commands.add_parser("info", help="what a checkpoint holds: config, step, losses, fingerprints")
     info.add_argument("model", metavar="CHECKPOINT|URI")
+    export = commands.add_parser("export", help="write the model for other tools: GGUF (llama.cpp) or a "
+                                                "Hugging Face GPT-2 folder (transformers)")
+    export.add_argument("model", metavar="CHECKPOINT|URI")
+    export.add_argument("out", metavar="OUT", help="the .gguf file, or the folder for --format hf")
+    export.add_argument("--format", choices=("gguf", "hf"), required=True)
+    export.add_argument("--precision", default="f32",
+                        help=f"GGUF weights: {', '.join(GGUF_PRECISIONS)} (default f32; norms and biases stay f32)")
     return parser
 
 
@@ -68,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "info":
                 print(describe(path, args.model))
                 return 0
+            if args.command == "export":
+                return export(path, args)
             model, _ = load_language_model(path, pick_device(args.device), args.precision)
         settings = {key: getattr(args, key) for key in GENERATION_DEFAULTS}
         print_stream(args.prompt, stream_text(model, args.prompt, **settings), sys.stdout)
@@ -92,6 +102,23 @@ def print_stream(prompt: str, pieces: Iterator[str], out: TextIO) -> None:
         out.write(piece)
         out.flush()
     out.write("\n")
+
+
+def export(path: Path, args: argparse.Namespace) -> int:
+    """`minigpt export`: the checkpoint's model as a GGUF file or a Hugging Face folder."""
+    if args.format == "gguf" and args.precision not in GGUF_PRECISIONS:
+        raise ValueError(f"--precision {args.precision}: expected one of {', '.join(GGUF_PRECISIONS)}")
+    if args.format == "hf" and args.precision != "f32":
+        raise ValueError(f"--precision {args.precision}: a Hugging Face export is written in f32 "
+                         f"(transformers converts on load: torch_dtype=...)")
+    model, _ = load_language_model(path)
+    if args.format == "gguf":
+        written = export_gguf(model, args.out, args.precision, name=Path(path).stem)
+    else:
+        written = export_hf(model, args.out)
+    size = sum(f.stat().st_size for f in ([written] if written.is_file() else written.iterdir()))
+    print(f"wrote {written} ({args.format}, {size / 2**20:.1f} MiB)")
+    return 0
 
 
 # --------------------------------------------------------------------------- where the checkpoint is

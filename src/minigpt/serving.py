@@ -43,7 +43,8 @@ def model_config_of(state: dict[str, Any], path: str | Path) -> ModelConfig:
     task = (config.get("finetune") or {}).get("task")
     if task == "classification":
         raise CheckpointError(f"checkpoint {path}: a classifier (finetune.task=classification) "
-                              f"predicts classes, not text; generate needs a pretrain or instruction checkpoint")
+                              f"predicts classes, not text: it has no language-model head to generate with or export; "
+                              f"use a pretrain or instruction checkpoint")
     raw = info.get("model_config") or config.get("model")
     if not isinstance(raw, dict):
         raise CheckpointError(f"checkpoint {path}: holds no model config "

@@ -53,6 +53,7 @@ __all__ = [
     "TokenizerCacheWarning",
     "ensure_ranks_file",
     "get_tokenizer",
+    "gpt2_vocabulary",
 ]
 
 #: Id of ``<|endoftext|>``, used as document separator and end-of-sequence.
@@ -211,16 +212,21 @@ def get_tokenizer(name: str = "gpt2") -> tiktoken.Encoding:
 
 
 @functools.lru_cache(maxsize=None)
-def _load_encoding(name: str) -> tiktoken.Encoding:
+def _verified_ranks() -> dict[bytes, int]:
     path = ensure_ranks_file()
     data = path.read_bytes()
     # Re-verify what we actually parse: the file could change between the checks.
     if (actual := sha256_bytes(data)) != RANKS_SHA256:
         raise DataError(f"{path}: sha256 {actual} is not the pinned {RANKS_SHA256}; refusing it")
+    return _parse_ranks(data)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_encoding(name: str) -> tiktoken.Encoding:
     enc = tiktoken.Encoding(
         name=name,
         pat_str=GPT2_PAT_STR,
-        mergeable_ranks=_parse_ranks(data),
+        mergeable_ranks=_verified_ranks(),
         special_tokens={EOT_TOKEN: EOT_ID},
         explicit_n_vocab=N_VOCAB,
     )
@@ -231,7 +237,56 @@ def _load_encoding(name: str) -> tiktoken.Encoding:
     return enc
 
 
-get_tokenizer.cache_clear = _load_encoding.cache_clear  # type: ignore[attr-defined]
+def _clear_caches() -> None:
+    _load_encoding.cache_clear()
+    _verified_ranks.cache_clear()
+
+
+get_tokenizer.cache_clear = _clear_caches  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- GPT-2's own files
+def _byte_spelling() -> list[str]:
+    """How GPT-2's vocab.json spells each byte: printable Latin-1 bytes as themselves, the
+    other 68 (controls, space, 0x7f-0xa0, 0xad) as the code points from 256 on, in byte
+    order, so that every token is a string of visible characters."""
+    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    spelling, hidden = {}, 0
+    for byte in range(256):
+        if byte in visible:
+            spelling[byte] = chr(byte)
+        else:
+            spelling[byte] = chr(256 + hidden)
+            hidden += 1
+    return [spelling[byte] for byte in range(256)]
+
+
+@functools.lru_cache(maxsize=None)
+def gpt2_vocabulary() -> tuple[list[str], list[tuple[str, str]]]:
+    """GPT-2's vocabulary as its original files spell it: the token strings by id (vocab.json,
+    `<|endoftext|>` last) and the merges in rank order (merges.txt), which GGUF and Hugging
+    Face tokenizers need and tiktoken's ranks file leaves implicit.
+
+    Each multi-byte token's merge is recovered by running BPE on its bytes with the merges
+    of lower rank only: the last two parts left are the pair whose merge made it.
+    """
+    ranks = _verified_ranks()
+    spell = _byte_spelling()
+    tokens = [""] * len(ranks)
+    merges: list[tuple[str, str]] = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        tokens[rank] = "".join(spell[b] for b in token)
+        if len(token) == 1:
+            continue
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            pairs = [(ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            best, i = min(pairs)
+            if best >= rank:
+                raise DataError(f"{RANKS_FILENAME}: token {rank} cannot be built from lower-ranked merges")
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        merges.append(tuple("".join(spell[b] for b in part) for part in parts))
+    return [*tokens, EOT_TOKEN], merges
 
 
 def main(argv: list[str] | None = None) -> int:
