@@ -13,8 +13,9 @@ a given continuation, teacher-forced so that one early disagreement does not der
 **Debian 12 and glibc.** The wheel's libraries are built against glibc 2.38 and refuse to load
 on Debian 12's 2.36 ("version `GLIBC_2.38' not found"), though they use nothing of 2.38 but
 the C23 spellings of strtol/strtoul/strtoull/sscanf (`__isoc23_*`; C23 only adds the "0b"
-prefix, which llama.cpp does not parse). Compiling llama.cpp instead takes most of an hour on
-2 cores (18% of the library after 12 minutes, measured). So, on a glibc older than 2.38, this
+prefix, which llama.cpp does not parse). Compiling llama.cpp instead would add minutes to every
+fresh setup (its CMake build of the library and two tools was 18% done after 80 s on 2 cores,
+measured; it has 150 model files). So, on a glibc older than 2.38, this
 module copies the wheel's libraries into minigpt's cache, marks their need for GLIBC_2.38 weak
 (one flag in each ELF file's version-needs table), and loads a 10-line shim, compiled here
 with gcc, that defines the four functions under that version name as the classic ones. The

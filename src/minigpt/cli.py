@@ -3,13 +3,17 @@
     minigpt generate --model checkpoints/best.safetensors "ROMEO:"
     minigpt generate --model runs:/<run id>/checkpoint "ROMEO:" --temperature 0.8 --seed 1
     minigpt generate --model models:/<name>/<version> "ROMEO:"
+    minigpt generate --model models:/minigpt@champion "ROMEO:"
+    minigpt export --format gguf --precision q8_0 checkpoints/best.safetensors model.gguf
+    minigpt export --format hf checkpoints/best.safetensors hf-model/
+    minigpt chat --model checkpoints/finetune/best.safetensors
     minigpt info checkpoints/best.safetensors
 
 A model is always a minigpt checkpoint (safetensors: nothing pickled is ever loaded), its
 architecture read from the config it holds. An MLflow URI names the checkpoint a run logged:
 `runs:/<id>/<path>` is downloaded (`checkpoint`, or the `generator` model, which carries the
-same weights); `models:/<name>/<version>` stands for the `checkpoint` of the run that logged
-that version. MLflow is imported for those URIs only, from MLFLOW_TRACKING_URI or ./mlflow.db.
+same weights); `models:/<name>/<version>` and `models:/<name>@<alias>` stand for the
+`checkpoint` of the run that logged that version. MLflow is imported for those URIs only, from MLFLOW_TRACKING_URI or ./mlflow.db.
 `generate` prints the prompt, then its continuation as it comes, as the `generator` model
 answers (the same text for the same checkpoint, prompt and settings).
 """
@@ -50,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="continue a prompt, printing the text as it comes")
     gen.add_argument("prompt")
     gen.add_argument("--model", required=True, metavar="CHECKPOINT|URI",
-                     help="a checkpoint file, runs:/<run id>/<path> or models:/<name>/<version>")
+                     help="a checkpoint file, runs:/<run id>/<path>, models:/<name>/<version> or models:/<name>@<alias>")
     for key, default in GENERATION_DEFAULTS.items():
         gen.add_argument(f"--{key.replace('_', '-')}", type=type(default), default=default,
                          help=f"{_SETTING_HELP[key]} (default {default})")
@@ -148,7 +152,10 @@ def download_checkpoint(uri: str, dest: Path) -> Path:
     try:
         artifact_uri = uri
         if scheme == "models":
-            run_id = MlflowClient(tracking_uri).get_model_version(first, second).run_id
+            client = MlflowClient(tracking_uri)
+            version = (client.get_model_version_by_alias(first, second[1:]) if second.startswith("@")
+                       else client.get_model_version(first, second))
+            run_id = version.run_id
             if not run_id:
                 raise ValueError(f"{uri}: this version was not logged by a run, so it has no minigpt checkpoint")
             artifact_uri = f"runs:/{run_id}/checkpoint"
@@ -167,11 +174,17 @@ def download_checkpoint(uri: str, dest: Path) -> Path:
 
 
 def _parse_uri(uri: str) -> tuple[str, str, str]:
-    """("runs", run id, artifact path) or ("models", name, version); a ValueError if malformed."""
+    """("runs", run id, artifact path), ("models", name, version) or ("models", name, "@alias");
+    a ValueError if malformed."""
     scheme, _, rest = uri.partition(":/")
+    if scheme == "models" and "@" in rest:
+        name, _, alias = rest.partition("@")
+        if not (name and alias) or "/" in rest:
+            raise ValueError(f"{uri}: expected models:/<name>@<alias>, e.g. models:/minigpt@champion")
+        return scheme, name, f"@{alias}"
     first, _, second = rest.partition("/")
     if scheme == "models" and not (first and second.isdigit()):
-        raise ValueError(f"{uri}: expected models:/<name>/<version>, the version a number")
+        raise ValueError(f"{uri}: expected models:/<name>/<version> (a number) or models:/<name>@<alias>")
     if scheme == "runs" and not (first and second.strip("/")):
         raise ValueError(f"{uri}: expected runs:/<run id>/<artifact path>, e.g. runs:/<run id>/checkpoint")
     return scheme, first, second
