@@ -25,7 +25,7 @@ RECIPE_SWEEP ?= conf/sweeps/recipe.txt
 FINETUNE_SWEEP ?= conf/sweeps/finetune.txt
 FINETUNE_SEEDS ?= 123,124,125
 
-.PHONY: help setup test test-fast run params sweep sweep-recipe sweep-finetune compare ui notebooks notebooks-clear bench bench-quick bench-memory headline stack stack-down stack-status clean distclean
+.PHONY: help setup test test-fast run params sweep sweep-recipe sweep-finetune compare promote ui notebooks notebooks-clear bench bench-quick bench-memory headline stack stack-down stack-status clean distclean
 
 help:
 	@echo "make setup      create .venv, install torch (CPU) + minigpt[pipeline,team,interop,dev], cache the tokenizer"
@@ -37,6 +37,7 @@ help:
 	@echo "make sweep-recipe  the sweep that chose make run's recipe, one run at a time (hours)"
 	@echo "make sweep-finetune  the sweep that chose the default finetune, 3 seeds a candidate (~25 min)"
 	@echo "make compare    the latest sweep's runs: differing params + scores -> reports/compare.{md,png}"
+	@echo "make promote    the best FINISHED pretrain run's model -> registered model minigpt, alias @champion"
 	@echo "make ui         MLflow UI on the local store at http://127.0.0.1:$(UI_PORT)"
 	@echo "make notebooks  run notebooks/*.ipynb in place (after make run); make notebooks-clear before committing"
 	@echo "make bench      run the benchmarks (~15 min) -> reports/bench.json"
@@ -106,6 +107,10 @@ sweep-finetune: $(STAMP)
 # COMPARE='--all' or COMPARE='RUN_ID RUN_ID' or COMPARE='--stage finetune' (see python -m pipeline.compare -h)
 compare: $(STAMP)
 	$(PY) -m pipeline.compare $(COMPARE)
+
+# PROMOTE='--metric val_loss' or PROMOTE='--stage finetune' or PROMOTE='--run RUN_ID' (python -m pipeline.promote -h)
+promote: $(STAMP)
+	$(PY) -m pipeline.promote $(PROMOTE)
 
 ui: $(STAMP)
 	@$(PY) -m pipeline.run --ui http://127.0.0.1:$(UI_PORT)

@@ -29,6 +29,7 @@ from minigpt.train import LanguageModelLoss
 from minigpt.utils import seed_everything
 from pipeline import paths
 from pipeline.common import StageError, load_config, read_params, stage_main
+from pipeline.lineage import split_inputs, task_source
 from pipeline.run import recorded_run
 from pipeline.trained import load_init_model
 from pipeline.training import (Outputs, RunSpec, TrainingInputs, code_fingerprint, resume_mode, start_training_stage,
@@ -129,7 +130,10 @@ def main() -> None:
     inputs = TrainingInputs(model, train_cfg, train_loader, val_loader, device, ctx, manifest["max_length"], run_info,
                             loss_fn=loss_fn, eval_metrics=eval_metrics)
     run = RunSpec(experiment_id, {k: params[k] for k in ("model", "finetune")}, tags=tags,
-                  name=f"finetune·{ft.task}·{ft.trainable}", name_keys=("finetune.",), description=description)
+                  name=f"finetune·{ft.task}·{ft.trainable}", name_keys=("finetune.",), description=description,
+                  datasets=split_inputs(*task_source(ft.data.source),
+                                        {"training": paths.FINETUNE_TOKENS / "train.jsonl",
+                                         "validation": paths.FINETUNE_TOKENS / "val.jsonl"}))
     tracked_training("finetune", OUTPUTS, inputs, run, cfg.tracking, saved)
 
 

@@ -16,10 +16,12 @@ from minigpt.tokenizer import RANKS_SHA256
 from minigpt.utils import seed_everything
 from pipeline import paths
 from pipeline.common import load_config, read_params, stage_main
+from pipeline.lineage import corpus_source, split_inputs
 from pipeline.run import preset_name
 from pipeline.training import (Outputs, RunSpec, TrainingInputs, code_fingerprint, resume_mode, start_training_stage,
                                tracked_training)
 
+MANIFEST = "manifest.json"  # a shard folder's list of shards and their sha256
 OUTPUTS = Outputs(paths.CHECKPOINTS, paths.TRAIN_CURVE, paths.TRAIN_CURVE_PNG, paths.TRAIN_METRICS,
                   paths.MLFLOW_RUN)
 
@@ -31,7 +33,7 @@ def data_fingerprint(vocab_size: int) -> str:
     manifests = []
     for shard_dir in (paths.TRAIN_TOKENS, paths.VAL_TOKENS):
         verify_shards(shard_dir, vocab_size)
-        manifests.append((shard_dir / "manifest.json").read_bytes())
+        manifests.append((shard_dir / MANIFEST).read_bytes())
     return sha256_bytes(b"".join(manifests))
 
 
@@ -60,6 +62,8 @@ def main() -> None:
     inputs = TrainingInputs(model, train_cfg, train_loader, val_loader, device, ctx, cfg.data.max_length, run_info)
     run = RunSpec(experiment_id, params, name=f"{preset}·{corpus}", name_keys=("model.", "data.", "train."),
                   tags={"stage": "pretrain", "model.preset": preset, "model.parameters": str(model.num_parameters())},
+                  datasets=split_inputs(*corpus_source(cfg.data.source), {"training": paths.TRAIN_TOKENS / MANIFEST,
+                                                                          "validation": paths.VAL_TOKENS / MANIFEST}),
                   description=(f"Pretraining of {preset} ({model.num_parameters():,} parameters) on the `{corpus}` "
                                f"corpus, {train_cfg.max_steps} steps; evaluated and sampled in the same run."))
     tracked_training("pretrain", OUTPUTS, inputs, run, cfg.tracking, saved)

@@ -49,21 +49,25 @@ def best_run(client: MlflowClient, experiment_id: str, stage: str, metric: str, 
     return (max if maximise else min)(scored, key=lambda run: run.data.metrics[metric])
 
 
-def checked_run(client: MlflowClient, run_id: str) -> Run:
-    """`run_id` if it is FINISHED and logged a generator model; a StageError saying why not."""
+def checked_run(client: MlflowClient, run_id: str) -> tuple[Run, str]:
+    """`run_id` and the id of the generator model it logged, if it is FINISHED and logged
+    one; a StageError saying why not."""
     try:
         run = client.get_run(run_id)
     except MlflowException:
         raise StageError(f"--run {run_id}: no such run in the tracking store") from None
     if run.info.status != "FINISHED":
         raise StageError(f"run {run_id} is {run.info.status}, not FINISHED: only a completed run is promoted")
-    logged = {artifact.path for artifact in client.list_artifacts(run_id)}
-    if MODEL_ARTIFACT not in logged:
+    # MLflow 3 keeps a logged model apart from the run's artifacts, as a LoggedModel of its experiment.
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], output_format="list",
+        filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_ARTIFACT}'")
+    if not models:
         why = ("a classifier predicts classes, not text, and its `model` artifact is pickled, which promote "
                "never registers" if run.data.tags.get("finetune.task") == "classification"
                else "it was trained with tracking.log_model=false")
         raise StageError(f"run {run_id} logged no {MODEL_ARTIFACT} model to register ({why})")
-    return run
+    return run, models[-1].model_id
 
 
 def current_version(client: MlflowClient, name: str, alias: str):
@@ -80,20 +84,15 @@ def describe(run: Run, metric: str) -> str:
     return f"run {run.info.run_id[:8]} {run.data.tags.get('mlflow.runName', '')!r}{score}"
 
 
-def promote(client: MlflowClient, run: Run, name: str, metric: str) -> str:
-    """Register `run`'s generator under `name`, move the aliases; what changed, in words."""
+def promote(client: MlflowClient, run: Run, model_id: str, name: str, metric: str) -> str:
+    """Register `run`'s generator (logged model `model_id`) under `name`, move the aliases;
+    what changed, in words."""
     champion = current_version(client, name, "champion")
     if champion is not None and champion.run_id == run.info.run_id:
         return f"{name}@champion is already version {champion.version} ({describe(run, metric)}): nothing changed"
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description="minigpt language models; deploy @champion")
-    version = client.create_model_version(
-        name, source=f"runs:/{run.info.run_id}/{MODEL_ARTIFACT}", run_id=run.info.run_id,
-        tags={"stage": run.data.tags.get("stage", ""), metric: str(run.data.metrics.get(metric, ""))},
-        description=f"promoted by make promote: {describe(run, metric)}",
-    )
+    version = mlflow.register_model(f"models:/{model_id}", name, tags={
+        "stage": run.data.tags.get("stage", ""), metric: str(run.data.metrics.get(metric, ""))})
+    client.update_model_version(name, version.version, description=f"promoted by make promote: {describe(run, metric)}")
     client.set_registered_model_alias(name, "champion", version.version)
     lines = [f"{name}@champion -> version {version.version} ({describe(run, metric)})"]
     if champion is not None:
@@ -124,8 +123,8 @@ def main() -> None:
     if args.metric:
         metric, maximise = args.metric, args.max
     run_id = args.run or best_run(client, experiment_id, args.stage, metric, maximise, args.filter).info.run_id
-    run = checked_run(client, run_id)
-    print(promote(client, run, args.name or tracking.register_model or "minigpt", metric))
+    run, model_id = checked_run(client, run_id)
+    print(promote(client, run, model_id, args.name or tracking.register_model or "minigpt", metric))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from minigpt.train import LossFn, Record, ResumableLoader, TrainResult, TrainSta
 from pipeline import paths
 from pipeline.common import StageError, project_modules, stage_device
 from pipeline.run import connect, describe, start_run
+from pipeline.lineage import DataInput, log_data_inputs
 from pipeline.tracking import MetricLogger, log_generator, log_model, log_results, logged_points, run_status
 
 BUDGET_KEYS = ("max_steps", "max_tokens", "max_time")
@@ -206,6 +207,7 @@ class RunSpec:
     name: str
     name_keys: tuple[str, ...]
     description: str
+    datasets: tuple[DataInput, ...] = ()  # what it trains and validates on, for the run's lineage
 
 
 def tracked_training(stage: str, outputs: Outputs, inputs: TrainingInputs, run: RunSpec,
@@ -238,6 +240,7 @@ def tracked_training(stage: str, outputs: Outputs, inputs: TrainingInputs, run: 
                    description=run.description, reopen_run_id=reopen, continues_run_id=continues,
                    tags=run.tags) as active:
         inputs.run_info["mlflow_run_id"] = active.info.run_id
+        log_data_inputs(run.datasets)
         if ctx.restarts:  # torchrun restarted the workers (--max-restarts): the same run goes on
             mlflow.set_tag("torchelastic.restarts", str(ctx.restarts))
         metric_logger = metric_logger_for(active.info.run_id, saved_state, reopened=reopen is not None)
