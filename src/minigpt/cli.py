@@ -35,10 +35,15 @@ import yaml
 
 from minigpt.checkpoint import read_checkpoint_state
 from minigpt.export import GGUF_PRECISIONS, export_gguf, export_hf
-from minigpt.serving import GENERATION_DEFAULTS, load_language_model, stream_text
+from minigpt.chat import Conversation
+from minigpt.tokenizer import EOT_ID
+from minigpt.serving import GENERATION_DEFAULTS, load_language_model, stream_continuation, stream_text
 from minigpt.utils import pick_device
 
 _URI_SCHEMES = ("runs:/", "models:/")
+# A chat samples by default (greedy replies to a small model repeat themselves), reproducibly.
+CHAT_DEFAULTS: dict[str, int | float | None] = {**GENERATION_DEFAULTS, "max_new_tokens": None, "temperature": 0.7,
+                                         "top_k": 50, "top_p": 0.95}
 _SETTING_HELP = {
     "max_new_tokens": "generate at most this many tokens (it stops earlier at <|endoftext|>)",
     "temperature": "0 is greedy; higher samples more freely",
@@ -63,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="weights to decode with: bf16 halves the memory read per token (default fp32)")
     info = commands.add_parser("info", help="what a checkpoint holds: config, step, losses, fingerprints")
     info.add_argument("model", metavar="CHECKPOINT|URI")
+    chat = commands.add_parser("chat", help="talk to an instruction-tuned model, replies streamed as they come")
+    chat.add_argument("--model", required=True, metavar="CHECKPOINT|URI",
+                      help="an instruction finetune's checkpoint (or runs:/..., models:/... URI)")
+    for key, default in CHAT_DEFAULTS.items():
+        chat.add_argument(f"--{key.replace('_', '-')}", type=int if default is None else type(default), default=default,
+                          help=f"{_SETTING_HELP[key]} (default {default or 'half the context, at most 128'})")
+    chat.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     export = commands.add_parser("export", help="write the model for other tools: GGUF (llama.cpp) or a "
                                                 "Hugging Face GPT-2 folder (transformers)")
     export.add_argument("model", metavar="CHECKPOINT|URI")
@@ -82,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             if args.command == "export":
                 return export(path, args)
+            if args.command == "chat":
+                return chat(path, args)
             model, _ = load_language_model(path, pick_device(args.device), args.precision)
         settings = {key: getattr(args, key) for key in GENERATION_DEFAULTS}
         print_stream(args.prompt, stream_text(model, args.prompt, **settings), sys.stdout)
@@ -106,6 +120,52 @@ def print_stream(prompt: str, pieces: Iterator[str], out: TextIO) -> None:
         out.write(piece)
         out.flush()
     out.write("\n")
+
+
+CHAT_HELP = "/reset forgets the conversation, /exit (or Ctrl-D) ends it"
+
+
+def chat(path: Path, args: argparse.Namespace) -> int:
+    """`minigpt chat`: read a message, stream the reply, until /exit, Ctrl-D (exit 0) or Ctrl-C (130)."""
+    model, state = load_language_model(path, pick_device(args.device))
+    settings = {key: getattr(args, key) for key in CHAT_DEFAULTS}
+    if settings["max_new_tokens"] is None:  # room for replies and for the conversation before them
+        settings["max_new_tokens"] = min(128, model.cfg.context_length // 2)
+    conversation = Conversation(model.cfg.context_length, settings["max_new_tokens"])
+    next(stream_continuation(model, [EOT_ID], **{**settings, "max_new_tokens": 1}), None)  # a bad setting fails now
+    task = (((state.get("run_info") or {}).get("config") or {}).get("finetune") or {}).get("task")
+    print(f"minigpt chat with {args.model} ({model.cfg.context_length}-token context); {CHAT_HELP}")
+    if task != "instruction":
+        print("note: this checkpoint was not instruction-tuned (finetune.task=instruction): expect it to "
+              "continue the template rather than answer")
+    while True:
+        try:
+            message = input("you> ")
+        except EOFError:  # Ctrl-D
+            print()
+            return 0
+        if message.strip() == "/exit":
+            return 0
+        if message.strip() == "/reset":
+            conversation.reset()
+            print("(conversation forgotten)")
+            continue
+        if not message.strip():
+            continue
+        ids, dropped, cut = conversation.prompt(message)
+        if dropped:
+            print(f"(the {dropped} oldest turn{'s' if dropped > 1 else ''} dropped: the conversation must fit "
+                  f"the model's {model.cfg.context_length}-token context)")
+        if cut:
+            print(f"(your message was cut to its last {conversation.room} tokens)")
+        sys.stdout.write("bot> ")
+        pieces = []
+        for piece in stream_continuation(model, ids, **settings):
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        print()
+        conversation.add(ids, "".join(pieces))
 
 
 def export(path: Path, args: argparse.Namespace) -> int:

@@ -83,9 +83,17 @@ def stream_text(model: GPTModel, prompt: str, *, max_new_tokens: int, temperatur
     An empty prompt starts a new document. Settings as in `GENERATION_DEFAULTS`; a bad one
     raises ValueError at the first `next()`.
     """
+    ids = get_tokenizer().encode_ordinary(prompt) or [EOT_ID]
+    return stream_continuation(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                               top_p=top_p, seed=seed)
+
+
+def stream_continuation(model: GPTModel, ids: list[int], *, max_new_tokens: int, temperature: float, top_k: int,
+                        top_p: float, seed: int) -> Iterator[str]:
+    """`stream_text` for a prompt given as token ids (a chat builds its context from them)."""
     enc = get_tokenizer()
     device = next(model.parameters()).device
-    idx = torch.tensor([enc.encode_ordinary(prompt) or [EOT_ID]], device=device)  # (1, seq)
+    idx = torch.tensor([ids], device=device)  # (1, seq)
     tokens = stream_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
                            top_p=None if top_p == 1.0 else top_p,
                            generator=torch.Generator(device=device).manual_seed(seed))
