@@ -25,7 +25,7 @@ RECIPE_SWEEP ?= conf/sweeps/recipe.txt
 FINETUNE_SWEEP ?= conf/sweeps/finetune.txt
 FINETUNE_SEEDS ?= 123,124,125
 
-.PHONY: help setup test test-fast run params sweep sweep-recipe sweep-finetune compare promote ui notebooks notebooks-clear bench bench-quick bench-memory headline stack stack-down stack-status clean distclean
+.PHONY: help setup test test-fast run params sweep sweep-recipe sweep-finetune compare promote ui notebooks notebooks-clear bench bench-quick bench-memory bench-gguf headline stack stack-down stack-status clean distclean
 
 help:
 	@echo "make setup      create .venv, install torch (CPU) + minigpt[pipeline,team,interop,dev], cache the tokenizer"
@@ -43,6 +43,7 @@ help:
 	@echo "make bench      run the benchmarks (~15 min) -> reports/bench.json"
 	@echo "make bench-quick  a ~3-minute smoke of them -> reports/bench-quick.json"
 	@echo "make bench-memory  bytes per process for training, DDP vs FSDP, 1 and 2 processes"
+	@echo "make bench-gguf  GGUF sizes, llama.cpp vs minigpt decode tokens/s (gpt2-tiny, gpt2-small) -> reports/bench-gguf.json"
 	@echo "make headline   make run on a fresh clone: every number the README quotes vs benchmarks/headline.json"
 	@echo "make stack      start the team stack: PostgreSQL + S3 (SeaweedFS) + MLflow server, state in .stack/"
 	@echo "make stack-status  each service's health;  make stack-down  stop them all"
@@ -137,6 +138,10 @@ bench-memory: $(STAMP)
 	  OMP_NUM_THREADS=1 $(PY) benchmarks/memory_per_rank.py $$preset && \
 	  OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/memory_per_rank.py $$preset \
 	  || exit 1; done
+
+# GGUF sizes and llama.cpp's decode speed beside minigpt's (BENCH_GGUF_ARGS='--checkpoint checkpoints/best.safetensors').
+bench-gguf: $(STAMP)
+	$(PY) -m benchmarks.gguf $(BENCH_GGUF_ARGS)
 
 # Minutes of training in a fresh clone of HEAD: a benchmark, not a test (see benchmarks/headline.py).
 headline: $(STAMP)

