@@ -152,6 +152,9 @@ class _Decoder:
 def run(path: Path, prompt: str, max_new_tokens: int, follow: list[int] | None, threads: int) -> dict:
     llm = open_model(path, threads=threads)
     prompt_ids = llm.tokenize(prompt, add_special=False)
+    steps = len(follow) if follow is not None else max_new_tokens
+    if len(prompt_ids) + steps > llm.n_ctx:  # llama.cpp aborts the process past its context; ours slides
+        raise SystemExit(f"{path}: {len(prompt_ids)} prompt + {steps} new tokens exceed the context of {llm.n_ctx}")
     decoder = _Decoder(llm)
     logits = decoder.feed(prompt_ids)
     if follow is not None:  # teacher-forced: llama.cpp's top-1 at each step of the given tokens
