@@ -22,6 +22,7 @@ from minigpt.model import GPTModel
 from minigpt.tasks.batches import create_task_loader
 from minigpt.tasks.classification import ClassificationLoss, SequenceClassifier, collate_classification, predict
 from minigpt.tasks.instruction import collate_instructions
+from minigpt.tasks.lora import add_lora, merge_lora
 from minigpt.tasks.trainable import set_trainable
 from minigpt.tokenizer import RANKS_SHA256
 from minigpt.distributed import DistContext
@@ -39,13 +40,35 @@ OUTPUTS = Outputs(paths.FINETUNE_CHECKPOINTS, paths.FINETUNE_CURVE, paths.FINETU
                   paths.FINETUNE_METRICS, paths.FINETUNE_RUN)
 
 
+def task_architecture(ft: FinetuneConfig, backbone: GPTModel) -> torch.nn.Module:
+    """The backbone with the task's head (classification) or as it is (instruction)."""
+    return (SequenceClassifier(backbone, len(ft.data.classes), ft.pooling) if ft.task == "classification"
+            else backbone)
+
+
 def task_model(ft: FinetuneConfig, backbone: GPTModel) -> torch.nn.Module:
-    """The backbone with the task's head (classification) or as it is (instruction), frozen
-    as `trainable` says."""
-    model = (SequenceClassifier(backbone, len(ft.data.classes), ft.pooling) if ft.task == "classification"
-             else backbone)
-    set_trainable(model, ft.trainable)
+    """The task's model as it trains: frozen as `trainable` says, or (method=lora) frozen
+    whole, with adapters and the head training."""
+    model = task_architecture(ft, backbone)
+    if ft.method == "full":
+        set_trainable(model, ft.trainable)
+        return model
+    try:
+        add_lora(model, ft.lora)
+    except ValueError as err:  # a rank the layers cannot hold
+        raise StageError(f"{paths.PARAMS}: {err}") from None
     return model
+
+
+def trained_as(ft: FinetuneConfig, checkpoint: str) -> None:
+    """A checkpoint named by `train.resume` must have been trained the same way: LoRA
+    adapters and a whole model's weights do not load into each other."""
+    saved = read_checkpoint_state(checkpoint).get("run_info", {}).get("config", {}).get("finetune", {})
+    old = saved.get("method", "full")
+    if old != ft.method:
+        what = {"lora": "LoRA adapters on a frozen base", "full": "the whole model's weights"}
+        raise StageError(f"{paths.PARAMS}: finetune.method: {checkpoint} holds {what[old]} (method={old}), "
+                         f"this config has method={ft.method}")
 
 
 def task_loaders(ft: FinetuneConfig, ctx: DistContext = DistContext(), splits: tuple[str, ...] = ("train", "val")):
@@ -104,17 +127,20 @@ def main() -> None:
     max_steps = ft.epochs * (len(train_loader) // accum_steps) if ft.epochs else ft.train.max_steps
     run_config = resolved_config(params, ft, max_steps)
     code_sha256 = code_fingerprint()
-    resume, saved = resume_mode(ft.train, run_config, code_sha256, paths.FINETUNE_CHECKPOINTS, "finetune")
+    backbone, init_path, init_sha256 = load_init_model(ft, cfg.model)
+    resume, saved = resume_mode(ft.train, run_config, code_sha256, paths.FINETUNE_CHECKPOINTS, "finetune",
+                                base_sha256=init_sha256)
     if resume not in ("auto", "never"):
         check_classes(ft, resume)
+        trained_as(ft, resume)
     train_cfg = ft.train.model_copy(update={"resume": resume, "max_steps": max_steps})
 
-    seed_everything(train_cfg.seed)  # the new head's initial weights
-    backbone, init_path, init_sha256 = load_init_model(ft, cfg.model)
+    seed_everything(train_cfg.seed)  # the new head's (and adapters') initial weights
     model = task_model(ft, backbone)
     manifest = json.loads((paths.FINETUNE_TOKENS / "manifest.json").read_text())
     run_info = {"config": run_config, "model_config": backbone.cfg.model_dump(), "data_sha256": data_fingerprint(),
-                "tokenizer_sha256": RANKS_SHA256, "code_sha256": code_sha256, "init_sha256": init_sha256}
+                "tokenizer_sha256": RANKS_SHA256, "code_sha256": code_sha256, "init_sha256": init_sha256,
+                "init_path": init_path}  # a LoRA checkpoint's base: where it is and what it must hash to
     tags = {"stage": "finetune", "finetune.task": ft.task, "finetune.trainable": ft.trainable,
             "init.path": init_path, "init.sha256": init_sha256}
     description = f"Finetune ({ft.task}, trainable={ft.trainable}) of `{init_path}`"
@@ -128,7 +154,8 @@ def main() -> None:
     eval_metrics = val_accuracy(val_loader, device) if ft.task == "classification" else None
     loss_fn = ClassificationLoss() if ft.task == "classification" else LanguageModelLoss(ft.train.loss_chunk_size)
     inputs = TrainingInputs(model, train_cfg, train_loader, val_loader, device, ctx, manifest["max_length"], run_info,
-                            loss_fn=loss_fn, eval_metrics=eval_metrics)
+                            loss_fn=loss_fn, eval_metrics=eval_metrics,
+                            plain=merge_lora if ft.method == "lora" else None)
     run = RunSpec(experiment_id, {k: params[k] for k in ("model", "finetune")}, tags=tags,
                   name=f"finetune·{ft.task}·{ft.trainable}", name_keys=("finetune.",), description=description,
                   datasets=split_inputs(*task_source(ft.data.source),

@@ -21,10 +21,11 @@ from minigpt.io import atomic_path, write_json_atomic, write_text_atomic
 from minigpt.model import GPTModel
 from minigpt.tasks.classification import classification_metrics, plot_confusion_matrix, predict
 from minigpt.tasks.instruction import generate_responses, rouge_l, token_f1
+from minigpt.tasks.lora import is_lora_checkpoint, load_merged
 from minigpt.train import LanguageModelLoss, evaluate
 from pipeline import paths
 from pipeline.common import load_config, stage_device, stage_main
-from pipeline.finetune import task_loaders, task_model
+from pipeline.finetune import task_architecture, task_loaders
 from pipeline.run import join_run
 from pipeline.tracking import log_results
 from pipeline.trained import best_checkpoint
@@ -34,9 +35,12 @@ def finetuned_model(ft: FinetuneConfig, device: torch.device) -> tuple[torch.nn.
     """The best finetune checkpoint in the architecture it was trained in (its run_info
     says which backbone: this pipeline's model or HF weights of another size)."""
     checkpoint = best_checkpoint(paths.FINETUNE_CHECKPOINTS)
-    backbone_cfg = ModelConfig(**read_checkpoint_state(checkpoint)["run_info"]["model_config"])
-    model = task_model(ft, GPTModel(backbone_cfg))
-    load_checkpoint(checkpoint, model)
+    state = read_checkpoint_state(checkpoint)
+    model = task_architecture(ft, GPTModel(ModelConfig(**state["run_info"]["model_config"])))
+    if is_lora_checkpoint(state):  # adapters: on their base, folded in
+        model = load_merged(checkpoint, model, state)
+    else:
+        load_checkpoint(checkpoint, model)
     return model.to(device).eval(), str(checkpoint)
 
 

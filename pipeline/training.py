@@ -62,9 +62,11 @@ def code_fingerprint() -> str:
 
 
 def resume_mode(train_cfg: TrainConfig, run_config: dict, code_sha256: str,
-                checkpoints: Path = paths.CHECKPOINTS, stage: str = "pretrain") -> tuple[str, dict[str, Any] | None]:
-    """Continue `<checkpoints>/last` only if it was trained with this config and code, and no
-    budget was cut. Returns (train.resume to use, the saved state of the run continued)."""
+                checkpoints: Path = paths.CHECKPOINTS, stage: str = "pretrain",
+                base_sha256: str | None = None) -> tuple[str, dict[str, Any] | None]:
+    """Continue `<checkpoints>/last` only if it was trained with this config and code (and,
+    for a finetune, from the base weights of sha256 `base_sha256`), and no budget was cut.
+    Returns (train.resume to use, the saved state of the run continued)."""
     last = last_checkpoint(checkpoints)  # an FSDP run's shards until it ends, else the file
     if train_cfg.resume != "auto" or last is None:
         return train_cfg.resume, None
@@ -82,6 +84,9 @@ def resume_mode(train_cfg: TrainConfig, run_config: dict, code_sha256: str,
         return "never", None
     if info.get("code_sha256") != code_sha256:
         print(f"{stage}: {last} was trained by other code; starting afresh")
+        return "never", None
+    if base_sha256 and info.get("init_sha256") != base_sha256:  # the model it started from was retrained
+        print(f"{stage}: {last} was trained from other base weights; starting afresh")
         return "never", None
     old_train, new_train = _train_section(old_config), _train_section(run_config)
     for key in BUDGET_KEYS:
@@ -190,6 +195,8 @@ class TrainingInputs:
     run_info: dict[str, Any]  # into every checkpoint; gains `mlflow_run_id` once the run is open
     loss_fn: LossFn | None = None  # None: language modelling
     eval_metrics: Callable[[torch.nn.Module], dict[str, float]] | None = None
+    # The plain model the run logs, made from (a copy of) the trained one: LoRA folds its adapters in.
+    plain: Callable[[torch.nn.Module], torch.nn.Module] | None = None
 
     def train(self, out_dir: Path, callbacks: tuple[Callable[[Record], None], ...] = ()) -> TrainResult:
         return train(self.model, self.train_cfg, self.train_loader, self.val_loader, out_dir, callbacks=callbacks,
@@ -263,6 +270,8 @@ def tracked_training(stage: str, outputs: Outputs, inputs: TrainingInputs, run: 
         mlflow.log_artifact(str(best), artifact_path="checkpoint")
         if tracking.log_model:
             load_checkpoint(best, to_log)
+            if inputs.plain is not None:
+                to_log = inputs.plain(copy.deepcopy(to_log))
             log_model(to_log.cpu(), tracking.register_model)
             if isinstance(to_log, GPTModel):  # text in, text out; a classifier (finetune) is not
                 log_generator(to_log, best)

@@ -25,6 +25,7 @@ from train_helpers import MAX_LENGTH, base_config, make_corpus, run_training, ti
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 HELPER = Path(__file__).with_name("train_helpers.py")
+ROOT = HELPER.parents[1]  # where `python -m pipeline.launch` finds the package
 
 
 @pytest.fixture(scope="module")
@@ -191,15 +192,18 @@ def test_checkpoints_resume_at_another_world_size_through_the_shards_or_the_file
 
 
 # --------------------------------------------------------------------------- several nodes
-def _agent(node: int, port: int, args: list[str], log: Path, *, join_timeout: int = 60) -> subprocess.Popen:
+def _agent(node: int, port: int, args: list[str], log: Path, *, join_timeout: int = 60, nnodes: int = 2,
+           read_timeout: int = 60) -> subprocess.Popen:
     """One torchrun agent of a 2-node job on loopback (node 0 hosts the rendezvous store), as
-    the README's multi-node recipe starts one per machine; it restarts its worker once."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+    the README's multi-node recipe starts one per machine (through `pipeline.launch`, torchrun
+    with one-line rendezvous errors); it restarts its worker once."""
+    cmd = [sys.executable, "-m", "pipeline.launch", "--nnodes", str(nnodes), "--nproc-per-node", "1",
            "--max-restarts", "1", "--monitor-interval", "0.5", "--rdzv-backend", "c10d",
            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "minigpt-two-nodes",
-           "--rdzv-conf", f"join_timeout={join_timeout},is_host={'true' if node == 0 else 'false'}", *args]
+           "--rdzv-conf", f"join_timeout={join_timeout},read_timeout={read_timeout},"
+                          f"is_host={'true' if node == 0 else 'false'}", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # as the README says
-    return subprocess.Popen(cmd, env=env, stdout=log.open("w"),
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -245,16 +249,30 @@ def test_two_nodes_train_like_one_and_a_killed_worker_restarts_the_group_bit_exa
         assert torch.equal(tensor, got[name]), name
 
 
-def test_a_rendezvous_that_never_completes_fails_within_its_timeout(corpus, tmp_path):
-    """One node of two: torchrun gives up after `join_timeout` instead of waiting forever."""
+def test_a_rendezvous_that_cannot_complete_fails_in_one_line_within_its_timeout(corpus, tmp_path):
+    """No hang, no traceback: one node of two gives up after `join_timeout`; a node whose
+    endpoint nobody hosts, after `read_timeout`; nodes that disagree on --nnodes (2 and 3)
+    both end. No worker ever starts."""
     from pipeline_helpers import free_port
 
-    log = tmp_path / "agent.log"
+    def job(name: str, node: int, port: int, **settings) -> tuple[subprocess.Popen, Path]:
+        log = tmp_path / f"{name}.log"
+        args = [str(HELPER), "--data", str(corpus), "--out", str(tmp_path / "out"),
+                "--cfg", json.dumps(base_config()), "--records", str(tmp_path / f"{name}.json")]
+        return _agent(node, port, args, log, **settings), log
+
     started = time.monotonic()
-    agent = _agent(0, free_port(), [str(HELPER), "--data", str(corpus), "--out", str(tmp_path / "out"),
-                                    "--cfg", json.dumps(base_config()), "--records", str(tmp_path / "r.json")],
-                   log, join_timeout=5)
-    assert _wait([agent], timeout=60) != [0]
-    assert time.monotonic() - started < 45
-    assert "RendezvousTimeoutError" in log.read_text().strip().splitlines()[-1]
-    assert not (tmp_path / "out").exists()  # no worker ever started
+    mismatched = free_port()
+    agents = [job("lonely", 0, free_port(), join_timeout=5), job("unhosted", 1, free_port(), read_timeout=3),
+              job("two-nodes", 0, mismatched, join_timeout=8), job("three-nodes", 1, mismatched, join_timeout=8,
+                                                                   nnodes=3)]
+    assert _wait([agent for agent, _ in agents], timeout=120) == [1, 1, 1, 1]
+    assert time.monotonic() - started < 90
+    lines = {log.stem: log.read_text().strip().splitlines() for _, log in agents}
+    for name in ("lonely", "unhosted", "two-nodes"):
+        assert len(lines[name]) == 1 and lines[name][0].startswith("launch: error: "), lines[name]
+    assert "did not complete within join_timeout=5 s" in lines["lonely"][0]
+    assert "cannot reach the rendezvous endpoint 127.0.0.1:" in lines["unhosted"][0] and "read_timeout=3" in lines["unhosted"][0]
+    assert "check --nnodes on each node" in lines["two-nodes"][0]
+    assert lines["three-nodes"][-1].startswith("launch: error: "), "\n".join(lines["three-nodes"])
+    assert not (tmp_path / "out").exists()

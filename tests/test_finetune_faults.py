@@ -69,6 +69,25 @@ def test_a_bad_max_length_also_stops_the_finetune_stage(project):
     assert statuses(project) == {}
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    (["finetune.method=lora"], "finetune: error: params.yaml: finetune.trainable: all contradicts method=lora, "
+                               "which freezes the backbone (only the adapters and the task's head train): "
+                               "set finetune.trainable=head"),
+    (["finetune.method=lora", "finetune.trainable=head", "finetune.lora.rank=512"],
+     "finetune: error: params.yaml: finetune.lora.rank: 512 is larger than the layers it adapts (model.emb_dim 128)"),
+    (["finetune.method=lora", "finetune.trainable=head", "finetune.lora.alpha=0"],
+     "finetune: error: params.yaml: finetune.lora.alpha: Input should be greater than 0"),
+    (["finetune.method=lora", "finetune.trainable=head", "finetune.lora.targets=[qkv,lm_head]"],
+     "finetune: error: params.yaml: finetune.lora.targets.1: Input should be 'qkv', 'attn_out', 'ff_in' or 'ff_out'"),
+], ids=["lora-with-trainable-all", "rank-beyond-the-layers", "alpha-zero", "unknown-target"])
+def test_bad_lora_params_stop_the_finetune_stage_in_one_line(project, overrides, expected):
+    compose_smoke(project, *overrides)
+    line = one_error_line(stage(project, "finetune"), "finetune")
+    assert line.startswith(expected), line
+    assert not (project / "checkpoints-finetune").exists()
+    assert statuses(project) == {}
+
+
 def test_a_class_with_too_few_examples_to_split(project):
     write_csv(project / "few.csv", ["positive"] * 10 + ["negative"] * 2)
     compose_smoke(project, *local_csv("few.csv", ["negative", "positive"]))
@@ -101,8 +120,9 @@ def test_init_weights_of_another_vocabulary_are_refused(project):
 
 def test_resuming_a_checkpoint_of_other_classes_or_other_data_is_refused(project):
     """A 2-class finetune (10 a, 20 b), then `train.resume` naming its checkpoint (one training
-    serves both cases):
+    serves every case):
     - 3 classes (10 each): its head has 2 rows, the new model's 3. Said before anything else;
+    - method=lora: adapters cannot continue a whole model's weights;
     - the same 2 classes on other rows (20 a, 10 b; both split 21/3/6 into two-token texts):
       refused by the data's sha256."""
     write_csv(project / "two.csv", ["a"] * 10 + ["b"] * 20)
@@ -121,6 +141,11 @@ def test_resuming_a_checkpoint_of_other_classes_or_other_data_is_refused(project
     line = one_error_line(stage(project, "finetune"), "finetune")
     assert line == ("finetune: error: params.yaml: finetune.data.classes: checkpoints-finetune/last.safetensors "
                     "was trained with 2 classes ['a', 'b'], this config has 3 ['a', 'b', 'c']"), line
+
+    compose_smoke(project, *local_csv("two.csv", ["a", "b"]), "finetune.method=lora", "finetune.trainable=head", resume)
+    line = one_error_line(stage(project, "finetune"), "finetune")
+    assert line == ("finetune: error: params.yaml: finetune.method: checkpoints-finetune/last.safetensors holds the "
+                    "whole model's weights (method=full), this config has method=lora"), line
 
     compose_smoke(project, *local_csv("other.csv", ["a", "b"]), "finetune.train.max_steps=6", resume)
     prepared = stage(project, "finetune_prepare")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,8 @@ def alpaca_records() -> list[dict]:
 
 
 def test_an_instruction_finetune_runs_end_to_end(project):
+    """With LoRA adapters (method=lora): the run checkpoints the adapters alone, evaluation,
+    the logged model and the CLI all see the base with the adapters folded in."""
     uri = store(project)
     records = alpaca_records()
     assert len(records) == 60
@@ -176,7 +179,7 @@ def test_an_instruction_finetune_runs_end_to_end(project):
     git(project, "add", "datasets/instructions.json")
     git(project, "commit", "-qm", "instruction data")
     before = {r.info.run_id for r in stage_runs(uri, "finetune")}
-    compose_smoke(project, "finetune=instruct-local", ONE_EPOCH)
+    compose_smoke(project, "finetune=instruct-local", ONE_EPOCH, "finetune.method=lora", "finetune.trainable=head")
     proc = run(project, "dvc", "repro")
     # A new file in datasets/ (a dep of both data stages) re-reads the corpus too; its output is
     # the same table, so nothing after `prepare` re-runs on the pretraining side.
@@ -199,13 +202,39 @@ def test_an_instruction_finetune_runs_end_to_end(project):
     (new,) = [r for r in stage_runs(uri, "finetune") if r.info.run_id not in before]
     assert new.info.run_id == finetune_run(project).info.run_id
     assert new.info.status == "FINISHED"
-    assert new.data.tags["finetune.task"] == "instruction" and new.data.tags["finetune.trainable"] == "all"
+    assert new.data.tags["finetune.task"] == "instruction" and new.data.tags["finetune.trainable"] == "head"
+    assert (new.data.params["finetune.method"], new.data.params["finetune.lora.rank"]) == ("lora", "8")
     assert new.data.tags["mlflow.parentRunId"] == read_json(project, "reports/mlflow_run.json")["run_id"]
     assert new.data.metrics["test_rouge_l"] == pytest.approx(report["rouge_l"])
     assert new.data.metrics["test_loss"] == pytest.approx(report["test_loss"])
     assert "val_accuracy" not in new.data.metrics
     steps = read_json(project, "reports/finetune_train.json")["steps"]
     assert steps == 51 // 8  # one epoch
+
+    # The checkpoint (and the run's `checkpoint` artifact) holds the adapters: 2 layers x 4 targets x (A, B).
+    best = project / "checkpoints-finetune/best.safetensors"
+    weights = [k for k in safe_open_keys(best) if k.startswith("model.")]
+    assert len(weights) == 16 and all(k.endswith((".lora_a", ".lora_b")) for k in weights)
+    assert best.stat().st_size < (project / "checkpoints/best.safetensors").stat().st_size / 10
+    # The logged generator is the merged model: it writes what the CLI writes from the adapters + base.
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(uri)
+    prompt = "Below is an instruction that describes a task.\n\n### Instruction:\nAdd 2 and 3.\n\n### Response:\n"
+    generated = mlflow.pyfunc.load_model(f"runs:/{new.info.run_id}/generator").predict(
+        pd.DataFrame({"prompt": [prompt]}), params={"max_new_tokens": 6})
+    cli = subprocess.run([str(Path(sys.executable).parent / "minigpt"), "generate", "--model", str(best), prompt,
+                          "--max-new-tokens", "6"], cwd=project, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    assert generated == [cli.stdout.removesuffix("\n")]
+
+
+def safe_open_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
 
 
 def test_the_default_local_task_files_can_be_committed():

@@ -1,6 +1,7 @@
 """Exact resume of a finetune: a run interrupted at step k and resumed from its `last`
 checkpoint ends with the very weights, AdamW state, RNG, loader position and history of
-one uninterrupted run, for both tasks.
+one uninterrupted run, for both tasks and for LoRA adapters (whose checkpoint holds only
+the adapters and the head: the frozen base comes from its own weights).
 
 The pieces are the ones `pipeline.finetune` plugs into `train()`: a `SequenceClassifier`
 with `ClassificationLoss` and a val-accuracy `eval_metrics`, or the language model with
@@ -21,10 +22,11 @@ import pytest
 import torch
 
 from minigpt.checkpoint import read_checkpoint
-from minigpt.config import TrainConfig
+from minigpt.config import LoraConfig, TrainConfig
 from minigpt.tasks.batches import create_task_loader
 from minigpt.tasks.classification import ClassificationLoss, SequenceClassifier, collate_classification
 from minigpt.tasks.instruction import collate_instructions
+from minigpt.tasks.lora import add_lora
 from minigpt.tasks.trainable import set_trainable
 from minigpt.train import LanguageModelLoss, train
 from pipeline.finetune import val_accuracy
@@ -77,9 +79,19 @@ def classifier() -> SequenceClassifier:
     return model
 
 
+def lora_classifier() -> SequenceClassifier:
+    """The base weights come from `tiny_model`'s seed (as a finetune's from its base checkpoint),
+    adapters (with dropout of their own) and head from the RNG, or from the checkpoint."""
+    model = SequenceClassifier(tiny_model(**MODEL), 3)
+    add_lora(model, LoraConfig(rank=4, alpha=8.0, dropout=0.1))
+    return model
+
+
 TASKS: dict[str, dict[str, Any]] = {
     "classification": dict(rows=classification_rows, model=classifier, loss_fn=ClassificationLoss,
                            collate=functools.partial(collate_classification, pad_id=PAD)),
+    "lora": dict(rows=classification_rows, model=lora_classifier, loss_fn=ClassificationLoss,
+                 collate=functools.partial(collate_classification, pad_id=PAD)),
     "instruction": dict(rows=instruction_rows, model=lambda: tiny_model(**MODEL),
                         loss_fn=LanguageModelLoss,
                         collate=functools.partial(collate_instructions, mask_prompt=True, pad_id=PAD)),
@@ -101,7 +113,7 @@ def finetune(task: str, out: Path, model: torch.nn.Module | None = None,
                                                    seed=cfg.seed)
                                 for rows, is_train in ((train_rows, True), (val_rows, False)))
     # The stage's own val-accuracy hook, as the finetune stage passes it.
-    eval_metrics = val_accuracy(val_loader, torch.device("cpu")) if task == "classification" else None
+    eval_metrics = val_accuracy(val_loader, torch.device("cpu")) if task != "instruction" else None
 
     records: list[dict] = []
     train(model, cfg, train_loader, val_loader, out, loss_fn=spec["loss_fn"](), eval_metrics=eval_metrics,
@@ -170,7 +182,7 @@ def test_the_tasks_learn_something(uninterrupted):
         assert train_losses[-1] < train_losses[0], task
         evals = [r for r in records if r["kind"] == "eval"]
         assert [r["step"] for r in evals] == [3, 6, 9, 12, 14]
-        if task == "classification":
+        if task != "instruction":
             assert all(0 <= r["val_accuracy"] <= 1 for r in evals)
         else:
             assert all("val_accuracy" not in r for r in evals)
@@ -183,6 +195,14 @@ def test_an_interrupted_finetune_resumes_bit_identically(task, dies_at_step, uni
     out = tmp_path / "run"
     records = interrupted_then_resumed(task, out, dies_at_step)
     assert_same_run(uninterrupted[task], out, records)
+
+
+def test_a_lora_checkpoint_holds_only_what_trains(uninterrupted):
+    out, _ = uninterrupted["lora"]
+    tensors, _ = read_checkpoint(out / "last.safetensors")
+    weights = {k.removeprefix("model.") for k in tensors if k.startswith("model.")}
+    assert weights and all(k.endswith((".lora_a", ".lora_b")) or k.startswith("head.") for k in weights)
+    assert len(weights) == 2 * 4 * 2 + 2  # 2 blocks x 4 targets x (A, B); the head's weight and bias
 
 
 @pytest.mark.parametrize("task", list(TASKS))

@@ -79,10 +79,21 @@ def tied_aliases(model: torch.nn.Module) -> set[str]:
     return {name for name, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != name}
 
 
+def checkpointed_names(model: torch.nn.Module) -> set[str] | None:
+    """The tensors a checkpoint of `model` holds, when not all of them: only the trainable ones
+    of a model that says its frozen weights live in a checkpoint of their own (LoRA adapters
+    on a base, `tasks.lora`); None for all."""
+    if not getattr(model, "checkpoint_trainable_only", False):
+        return None
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Model weights without aliases (a tied head is the embedding under a second name)."""
-    aliases = tied_aliases(model)
-    return {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items() if name not in aliases}
+    """Model weights without aliases (a tied head is the embedding under a second name), and
+    without a base's frozen weights where `checkpointed_names` says so."""
+    aliases, only = tied_aliases(model), checkpointed_names(model)
+    return {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()
+            if name not in aliases and (only is None or name in only)}
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -175,7 +186,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as err:  # shape mismatch: a checkpoint of another model size
         raise CheckpointError(f"checkpoint {path}: does not fit this model ({str(err).splitlines()[-1].strip()})") from None
-    aliased = {n for n in missing if _is_alias(model, n, weights)}
+    only = checkpointed_names(model)
+    aliased = {n for n in missing if _is_alias(model, n, weights) or (only is not None and n not in only)}
     if set(missing) - aliased or unexpected:
         raise CheckpointError(
             f"checkpoint {path}: does not fit this model (missing {sorted(set(missing) - aliased)}, "

@@ -314,12 +314,37 @@ class TaskDataConfig(StrictModel):
         return self
 
 
+LoraTarget = Literal["qkv", "attn_out", "ff_in", "ff_out"]
+
+
+class LoraConfig(StrictModel):
+    """Low-rank adapters (LoRA): each targeted linear layer W of every block is frozen and
+    learns W + (alpha / rank) * B @ A, with A (rank, in) and B (out, rank)."""
+
+    rank: int = Field(8, gt=0, description="inner dimension of the adapters")
+    alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on an adapter's input")
+    targets: list[LoraTarget] = Field(
+        ["qkv", "attn_out", "ff_in", "ff_out"], min_length=1,
+        description="qkv: the fused query/key/value projection; attn_out: attention's output projection; "
+                    "ff_in, ff_out: the feed-forward layers")
+
+    @model_validator(mode="after")
+    def _unique_targets(self) -> LoraConfig:
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"targets: {self.targets} names a layer twice")
+        return self
+
+
 class FinetuneConfig(StrictModel):
     """Adapting the pretrained model to a task: classification or instruction following."""
 
     task: Literal["classification", "instruction"]
     init: str = Field("pretrain", min_length=1,
                       description="'pretrain' (this pipeline's best checkpoint) or a directory of HF GPT-2 weights")
+    method: Literal["full", "lora"] = Field(
+        "full", description="full: train the `trainable` weights; lora: freeze the backbone, train adapters + head")
+    lora: LoraConfig = LoraConfig()
     trainable: Literal["head", "last_block", "all"] = Field(
         "last_block", description="which parameters receive gradients (the new head always does)")
     pooling: Literal["last", "mean"] = Field(
@@ -337,6 +362,11 @@ class FinetuneConfig(StrictModel):
     def _task_fields(self) -> FinetuneConfig:
         if self.task == "classification" and not self.data.classes:
             raise ValueError("data.classes: classification needs the class names, e.g. [ham, spam]")
+        if self.method == "lora" and self.trainable != "head":
+            raise ValueError(f"trainable: {self.trainable} contradicts method=lora, which freezes the backbone "
+                             f"(only the adapters and the task's head train): set finetune.trainable=head")
+        if self.method == "lora" and self.train.strategy == "fsdp":
+            raise ValueError("train.strategy: fsdp is not supported with method=lora (adapters are small: use ddp)")
         return self
 
 
@@ -352,6 +382,17 @@ class PipelineConfig(StrictModel):
     sample: SampleConfig | None = None
     tracking: TrackingConfig | None = None
     finetune: FinetuneConfig | None = None
+
+    @model_validator(mode="after")
+    def _lora_fits_model(self) -> PipelineConfig:
+        # Every layer LoRA adapts is at least emb_dim wide; HF weights (`init` a directory)
+        # bring their own sizes, checked once they are read.
+        finetune = self.finetune
+        if (finetune is not None and self.model is not None and finetune.method == "lora"
+                and finetune.init == "pretrain" and finetune.lora.rank > self.model.emb_dim):
+            raise ValueError(f"finetune.lora.rank: {finetune.lora.rank} is larger than the layers it adapts "
+                             f"(model.emb_dim {self.model.emb_dim})")
+        return self
 
     @model_validator(mode="after")
     def _window_fits_model(self) -> PipelineConfig:

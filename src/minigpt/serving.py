@@ -20,6 +20,7 @@ from minigpt.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from minigpt.config import ModelConfig, format_validation_error
 from minigpt.generate import stream_tokens
 from minigpt.model import GPTModel
+from minigpt.tasks.lora import is_lora_checkpoint, load_merged
 from minigpt.tokenizer import EOT_ID, get_tokenizer
 
 #: Generation settings and their defaults, for the CLI's options and the pyfunc's params
@@ -69,7 +70,10 @@ def load_language_model(path: str | Path, device: torch.device | str = "cpu",
         raise ValueError(f"precision {precision!r}: expected fp32 or bf16")
     state = read_checkpoint_state(path)
     model = GPTModel(model_config_of(state, path))
-    load_checkpoint(path, model)  # reads the whole file and checks its sha256
+    if is_lora_checkpoint(state):  # an instruction finetune's adapters, folded into their base
+        model = load_merged(path, model, state)
+    else:
+        load_checkpoint(path, model)  # reads the whole file and checks its sha256
     return model.to(device, dtypes[precision]).eval(), state
 
 

@@ -253,7 +253,9 @@ def _restore(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimize
     loader; return its counters. Any checkpoint loads under any strategy and world size."""
     # Check the data from the header first, so a refused checkpoint leaves model and RNG untouched.
     saved_info = read_any_state(path).get("run_info", {})
-    for key in ("data_sha256", "tokenizer_sha256"):  # continuing on other data: the curves would lie
+    # Continuing on other data (the curves would lie) or from other base weights (a finetune's
+    # adapters or weights belong to the model they started from).
+    for key in ("data_sha256", "tokenizer_sha256", "init_sha256"):
         old, new = saved_info.get(key), run_info.get(key)
         if old and new and old != new:
             raise CheckpointError(f"checkpoint {path}: trained with {key}={old[:12]}…, this run has {new[:12]}…")
