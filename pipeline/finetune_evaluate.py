@@ -37,7 +37,7 @@ def finetuned_model(ft: FinetuneConfig, device: torch.device) -> tuple[torch.nn.
     checkpoint = best_checkpoint(paths.FINETUNE_CHECKPOINTS)
     state = read_checkpoint_state(checkpoint)
     model = task_architecture(ft, GPTModel(ModelConfig(**state["run_info"]["model_config"])))
-    if is_lora_checkpoint(state):  # adapters: on their base, folded in
+    if is_lora_checkpoint(checkpoint):  # adapters: on their base, folded in
         model = load_merged(checkpoint, model, state)
     else:
         load_checkpoint(checkpoint, model)

@@ -211,10 +211,10 @@ def test_an_instruction_finetune_runs_end_to_end(project):
     steps = read_json(project, "reports/finetune_train.json")["steps"]
     assert steps == 51 // 8  # one epoch
 
-    # The checkpoint (and the run's `checkpoint` artifact) holds the adapters: 2 layers x 4 targets x (A, B).
+    # The checkpoint (and the run's `checkpoint` artifact) holds the adapters: 4 blocks x 4 targets x (A, B).
     best = project / "checkpoints-finetune/best.safetensors"
     weights = [k for k in safe_open_keys(best) if k.startswith("model.")]
-    assert len(weights) == 16 and all(k.endswith((".lora_a", ".lora_b")) for k in weights)
+    assert len(weights) == 32 and all(k.endswith((".lora_a", ".lora_b")) for k in weights)
     assert best.stat().st_size < (project / "checkpoints/best.safetensors").stat().st_size / 10
     # The logged generator is the merged model: it writes what the CLI writes from the adapters + base.
     import mlflow

@@ -95,7 +95,8 @@ def test_a_checkpoint_holds_the_adapters_and_head_only_and_loads_onto_its_base(t
     assert adapter.stat().st_size < base_path.stat().st_size / 4
 
     loaded = load_merged(adapter, classifier(seed=7), state)  # other initial weights: all come from the files
-    assert is_lora_checkpoint(state) and not any(isinstance(m, LoRALinear) for m in loaded.modules())
+    assert is_lora_checkpoint(adapter) and not is_lora_checkpoint(base_path)
+    assert not any(isinstance(m, LoRALinear) for m in loaded.modules())
     torch.testing.assert_close(loaded.eval()(IDS, LENGTHS), model(IDS, LENGTHS), rtol=0, atol=1e-5)
 
     save_checkpoint(base_path, tiny_model(seed=3), None, {"step": 200})  # the base retrained since

@@ -70,7 +70,7 @@ def load_language_model(path: str | Path, device: torch.device | str = "cpu",
         raise ValueError(f"precision {precision!r}: expected fp32 or bf16")
     state = read_checkpoint_state(path)
     model = GPTModel(model_config_of(state, path))
-    if is_lora_checkpoint(state):  # an instruction finetune's adapters, folded into their base
+    if is_lora_checkpoint(path):  # an instruction finetune's adapters, folded into their base
         model = load_merged(path, model, state)
     else:
         load_checkpoint(path, model)  # reads the whole file and checks its sha256

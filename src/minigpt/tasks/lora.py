@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 
 from minigpt.checkpoint import CheckpointError, load_checkpoint
 from minigpt.config import LoraConfig
@@ -99,9 +100,11 @@ def merge_lora(model: GPTModel | SequenceClassifier) -> GPTModel | SequenceClass
     return model
 
 
-def is_lora_checkpoint(state: dict[str, Any]) -> bool:
-    """Whether a checkpoint's saved state is a LoRA finetune's (adapters, not a whole model)."""
-    return ((state.get("run_info") or {}).get("config") or {}).get("finetune", {}).get("method") == "lora"
+def is_lora_checkpoint(path: str | Path) -> bool:
+    """Whether a checkpoint file holds LoRA adapters rather than a whole model (its tensors say:
+    the plain model a LoRA run logs carries the same run config, folded in)."""
+    with safe_open(str(path), "pt") as f:
+        return any(key.endswith(".lora_a") for key in f.keys())
 
 
 def load_merged(path: str | Path, model: GPTModel | SequenceClassifier, state: dict[str, Any]) -> nn.Module:
