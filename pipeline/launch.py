@@ -36,37 +36,30 @@ else:
     os.environ["TORCH_CPP_LOG_LEVEL"] = _user_cpp_log_level
 
 
-def _rendezvous(argv: list[str]) -> tuple[str, dict[str, str]]:
-    """The endpoint and the --rdzv-conf settings the arguments give torchrun."""
+def _failure(err: RendezvousError, argv: list[str]) -> str:
+    """What went wrong with the rendezvous, and what to check, in one line."""
     args = get_args_parser().parse_args(argv)
     conf = dict(item.split("=", 1) for item in args.rdzv_conf.split(",") if "=" in item)
-    return args.rdzv_endpoint or "127.0.0.1:29400", conf
+    endpoint = args.rdzv_endpoint or "127.0.0.1:29400"
+    if isinstance(err, RendezvousTimeoutError):
+        return (f"the rendezvous at {endpoint} did not complete within join_timeout={conf.get('join_timeout', 600)} s: "
+                f"not every node joined (check --nnodes on each node, the same --rdzv-id and --rdzv-endpoint, "
+                f"and that the other nodes were started)")
+    if isinstance(err, RendezvousConnectionError):
+        return (f"cannot reach the rendezvous endpoint {endpoint} (read_timeout={conf.get('read_timeout', 60)} s): "
+                f"start the node that hosts it first, or check the host, port and firewall")
+    if isinstance(err, RendezvousClosedError):  # another node gave up (its join_timeout) and closed it
+        return (f"the rendezvous at {endpoint} was closed by a node that gave up waiting "
+                f"(check --nnodes on each node and the same --rdzv-id)")
+    return f"the rendezvous at {endpoint} failed: {type(err).__name__}: {err}"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         torchrun(argv)
-    except RendezvousTimeoutError:
-        endpoint, conf = _rendezvous(argv)
-        print(f"launch: error: the rendezvous at {endpoint} did not complete within join_timeout="
-              f"{conf.get('join_timeout', 600)} s: not every node joined (check --nnodes on each node, "
-              f"the same --rdzv-id and --rdzv-endpoint, and that the other nodes were started)", file=sys.stderr)
-        return 1
-    except RendezvousConnectionError:
-        endpoint, conf = _rendezvous(argv)
-        print(f"launch: error: cannot reach the rendezvous endpoint {endpoint} (read_timeout="
-              f"{conf.get('read_timeout', 60)} s): start the node that hosts it first, or check the host, "
-              f"port and firewall", file=sys.stderr)
-        return 1
-    except RendezvousClosedError:  # another node gave up (its join_timeout) and closed it
-        endpoint, _ = _rendezvous(argv)
-        print(f"launch: error: the rendezvous at {endpoint} was closed by a node that gave up waiting "
-              f"(check --nnodes on each node and the same --rdzv-id)", file=sys.stderr)
-        return 1
     except RendezvousError as err:
-        endpoint, _ = _rendezvous(argv)
-        print(f"launch: error: the rendezvous at {endpoint} failed: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"launch: error: {_failure(err, argv)}", file=sys.stderr)
         return 1
     return 0
 
