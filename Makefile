@@ -24,8 +24,10 @@ UI_PORT ?= 5000
 RECIPE_SWEEP ?= conf/sweeps/recipe.txt
 FINETUNE_SWEEP ?= conf/sweeps/finetune.txt
 FINETUNE_SEEDS ?= 123,124,125
+# The search file of `make search` (conf/search/*.yaml); OPTUNA_STORAGE=postgresql://... shares its study.
+SEARCH ?= conf/search/recipe.yaml
 
-.PHONY: help setup test test-fast run params sweep sweep-recipe sweep-finetune compare promote ui notebooks notebooks-clear bench bench-quick bench-memory bench-gguf headline stack stack-down stack-status clean distclean
+.PHONY: help setup test test-fast run params sweep sweep-recipe sweep-finetune search compare promote ui notebooks notebooks-clear bench bench-quick bench-memory bench-gguf headline stack stack-down stack-status clean distclean
 
 help:
 	@echo "make setup      create .venv, install torch (CPU) + minigpt[pipeline,team,interop,dev], cache the tokenizer"
@@ -36,6 +38,7 @@ help:
 	@echo "make sweep      queue a small hyper-parameter sweep and run it 2 at a time"
 	@echo "make sweep-recipe  the sweep that chose make run's recipe, one run at a time (hours)"
 	@echo "make sweep-finetune  the sweep that chose the default finetune, 3 seeds a candidate (~25 min)"
+	@echo "make search     Optuna search over DVC experiments, with pruning (SEARCH=conf/search/recipe.yaml) -> reports/search/"
 	@echo "make compare    the latest sweep's runs: differing params + scores -> reports/compare.{md,png}"
 	@echo "make promote    the best FINISHED pretrain run's model -> registered model minigpt, alias @champion"
 	@echo "make ui         MLflow UI on the local store at http://127.0.0.1:$(UI_PORT)"
@@ -104,6 +107,11 @@ sweep-finetune: $(STAMP)
 	  for seed in $$(echo $(FINETUNE_SEEDS) | tr , ' '); do \
 	    dvc exp run finetune_evaluate $$overrides -S finetune.train.seed=$$seed </dev/null || exit 1; done; done
 	$(PY) -m pipeline.compare --stage finetune --mean-over finetune.train.seed
+
+# Each trial a DVC experiment (`dvc exp run --temp`), tracked in MLflow; stopping it and running it
+# again continues the study; several machines share one through OPTUNA_STORAGE (pipeline/search.py).
+search: $(STAMP)
+	$(PY) -m pipeline.search $(SEARCH)
 
 # COMPARE='--all' or COMPARE='RUN_ID RUN_ID' or COMPARE='--stage finetune' (see python -m pipeline.compare -h)
 compare: $(STAMP)

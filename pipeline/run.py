@@ -14,6 +14,7 @@ from pipeline import paths
 from pipeline.common import StageError, read_json
 from pipeline.tracking import (committed_params, ensure_experiment, flatten, git_tags, log_config, open_run,
                                tracking_uri)
+from pipeline.trial import trial_tags
 
 
 def project_root() -> Path:
@@ -27,12 +28,13 @@ def project_root() -> Path:
 
 def dvc_tags() -> dict[str, str]:
     """The DVC experiment (name, baseline) and the sweep it belongs to: `make sweep` sets
-    MINIGPT_SWEEP for the queue it starts; other experiments group by their baseline."""
+    MINIGPT_SWEEP for the queue it starts; other experiments group by their baseline. A trial
+    of `make search` also carries its study and number (`search`, `trial`)."""
     names = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.baseline_rev"}
     tags = {tag: os.environ[env] for env, tag in names.items() if os.environ.get(env)}
     sweep = os.environ.get("MINIGPT_SWEEP") or (f"exp-{tags['dvc.baseline_rev'][:7]}" if "dvc.baseline_rev" in tags
                                                   else None)
-    return tags | ({"sweep": sweep} if sweep else {})
+    return tags | ({"sweep": sweep} if sweep else {}) | trial_tags()
 
 
 def overrides(params: dict[str, Any], prefixes: tuple[str, ...]) -> dict[str, Any]:

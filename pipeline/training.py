@@ -33,12 +33,13 @@ from minigpt.io import atomic_path, sha256_bytes, write_json_atomic, write_text_
 from minigpt.model import GPTModel
 from minigpt.distributed import DistContext, init_distributed
 from minigpt.sharded_checkpoint import last_checkpoint, read_any_state
-from minigpt.train import LossFn, Record, ResumableLoader, TrainResult, TrainState, stop_reason, train
+from minigpt.train import Callback, LossFn, Record, ResumableLoader, TrainResult, TrainState, stop_reason, train
 from pipeline import paths
 from pipeline.common import StageError, project_modules, stage_device
 from pipeline.run import connect, describe, start_run
 from pipeline.lineage import DataInput, log_data_inputs
 from pipeline.tracking import MetricLogger, log_generator, log_model, log_results, logged_points, run_status
+from pipeline.trial import PRUNED, pruning_callback
 
 BUDGET_KEYS = ("max_steps", "max_tokens", "max_time")
 
@@ -198,7 +199,7 @@ class TrainingInputs:
     # The plain model the run logs, made from (a copy of) the trained one: LoRA folds its adapters in.
     plain: Callable[[torch.nn.Module], torch.nn.Module] | None = None
 
-    def train(self, out_dir: Path, callbacks: tuple[Callable[[Record], None], ...] = ()) -> TrainResult:
+    def train(self, out_dir: Path, callbacks: tuple[Callback, ...] = ()) -> TrainResult:
         return train(self.model, self.train_cfg, self.train_loader, self.val_loader, out_dir, callbacks=callbacks,
                      loss_fn=self.loss_fn, eval_metrics=self.eval_metrics, run_info=self.run_info,
                      device=self.device, ctx=self.ctx, max_length=self.max_length)
@@ -251,7 +252,9 @@ def tracked_training(stage: str, outputs: Outputs, inputs: TrainingInputs, run: 
         if ctx.restarts:  # torchrun restarted the workers (--max-restarts): the same run goes on
             mlflow.set_tag("torchelastic.restarts", str(ctx.restarts))
         metric_logger = metric_logger_for(active.info.run_id, saved_state, reopened=reopen is not None)
-        result = inputs.train(outputs.checkpoints, callbacks=(metric_logger,))
+        # In a search (pipeline.search), the study's pruner may stop the run after an evaluation.
+        pruner = pruning_callback()
+        result = inputs.train(outputs.checkpoints, callbacks=(metric_logger, *([pruner] if pruner else [])))
         try:
             metric_logger.close(timeout=tracking.outage_wait)
         except StageError:
@@ -263,6 +266,8 @@ def tracked_training(stage: str, outputs: Outputs, inputs: TrainingInputs, run: 
         # The run's size and end as tags; its losses are the step series already.
         log_results({}, {f"train.{k}": v for k, v in metrics.items()
                          if k in ("steps", "tokens", "stop_reason", "train_seconds", "parameters", "tokens_per_s")})
+        if result.stop_reason == PRUNED:  # a search stopped it: a finished run, not a failed one
+            mlflow.set_tag("pruned", "true")
         # At the run's root: MLflow's compare page shows only root-level files that all runs have.
         for path in (outputs.metrics, outputs.curve, outputs.curve_png):
             mlflow.log_artifact(str(path))

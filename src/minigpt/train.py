@@ -37,7 +37,9 @@ from minigpt.sharded_checkpoint import (consolidate, is_sharded_checkpoint, last
 from minigpt.utils import autocast_for, eval_mode, release_freed_memory, retain_freed_memory, seed_everything
 
 Record = dict[str, Any]
-Callback = Callable[[Record], None]
+# A callback sees each record on rank 0; what it returns, if not None, is a reason to stop (a
+# search's pruner: "pruned"), and the loop then ends as at any budget, `last` saved.
+Callback = Callable[[Record], str | None]
 # (model or its DDP/compiled wrapper, one batch from the loader, device) -> mean loss of the batch
 LossFn = Callable[[torch.nn.Module, Any, torch.device], torch.Tensor]
 
@@ -354,7 +356,8 @@ def train(
 
     Writes `last.safetensors` (every `checkpoint_interval` steps and at the end) and
     `best.safetensors` (lowest validation loss) into `out_dir`, from rank 0 only.
-    Each new record (`kind` = "train" or "eval") is passed to every callback on rank 0;
+    Each new record (`kind` = "train" or "eval") is passed to every callback on rank 0; a
+    reason one returns after an evaluation ends the run there, like a budget (`stop_reason`);
     `eval_metrics(model)` adds a task's own numbers (e.g. val accuracy) to each eval record.
     On CPU it switches the process's malloc to keep freed memory (`retain_freed_memory`).
     """
@@ -390,11 +393,14 @@ def train(
     eval_batches = None if cfg.eval_batches is None else math.ceil(cfg.eval_batches / ctx.world_size)
     checkpoints = _Checkpoints(out_dir, model, optimizer, train_loader, run_info, ctx, saved_at=state.step)
 
-    def emit(record: Record) -> None:
+    def emit(record: Record) -> str | None:
+        """Hand `record` to the callbacks (rank 0); the reason to stop that one of them gave."""
+        stop = None
         if ctx.is_main:
             state.history.append(record)
             for callback in callbacks:
-                callback(record)
+                stop = callback(record) or stop
+        return stop
 
     batches = _endless(train_loader)
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step",
@@ -438,13 +444,16 @@ def train(
                     raise checkpoints.diverged(state.step, f"validation loss is {val_loss}")
                 improved = state.record_eval(val_loss, cfg.min_delta)
                 extra = _task_metrics(eval_metrics, model) if eval_metrics else {}
-                emit({"kind": "eval", "step": state.step, "tokens": state.tokens_seen, "val_loss": val_loss,
+                requested = emit({"kind": "eval", "step": state.step, "tokens": state.tokens_seen, "val_loss": val_loss,
                       "val_perplexity": math.exp(min(val_loss, 50.0)), "best_val_loss": state.best_val_loss,
                       **extra})
                 if improved:
                     checkpoints.save(checkpoints.best, state)
                 # The timer restarts so evaluation time does not count against tokens/s.
                 window_start, window_tokens = time.perf_counter(), 0
+                if on_any_rank(requested is not None, ctx, device):  # only rank 0 runs callbacks
+                    reason = requested or "stopped_by_rank_0"
+                    break
 
             if state.step % checkpoint_interval == 0:
                 checkpoints.save(checkpoints.last, state)
