@@ -42,7 +42,6 @@ from minigpt.config import PipelineConfig, StrictModel, format_validation_error
 from minigpt.io import atomic_path, write_text_atomic
 from pipeline import paths
 from pipeline.common import StageError, load_config, stage_main
-from pipeline.run import connect, project_root
 from pipeline.trial import PRUNED, PRUNER_ATTR, TRIAL_ENV, TrialInfo, build_pruner, open_storage, shown_url
 
 # The metrics a trial can be judged by (all minimised), as their stage logs them to MLflow,
@@ -153,8 +152,9 @@ class SearchSpec(StrictModel):
         return self
 
     def definition(self) -> dict[str, Any]:
-        """What a study is: all of the file but `trials`, which may grow to continue a study."""
-        return self.model_dump(mode="json", exclude={"trials"})
+        """What a study is: all of the file but `trials` (which may grow, to continue a study) and
+        `interrupted` (what each worker does with the trials it finds interrupted)."""
+        return self.model_dump(mode="json", exclude={"trials", "interrupted"})
 
 
 def override(key: str, value: Value) -> str:
@@ -229,7 +229,7 @@ class Search:
     """One worker of a study: opens (or creates) it, runs trials until the study has its
     `trials` results, reports."""
 
-    def __init__(self, spec: SearchSpec, spec_path: Path, url: str, root: Path) -> None:
+    def __init__(self, spec: SearchSpec, spec_path: Path, url: str, root: Path, create: bool = True) -> None:
         import optuna
 
         self.spec, self.spec_path, self.url, self.root = spec, spec_path, url, root
@@ -240,8 +240,11 @@ class Search:
                                         heartbeat_stale_trial_callback=self.requeue)
         self.failures_in_a_row = 0
         self.current: int | None = None  # the trial this worker runs
-        created = self._create()
-        study_id = self.storage.get_study_id_from_name(spec.study)
+        created = self._create() if create else False
+        try:
+            study_id = self.storage.get_study_id_from_name(spec.study)
+        except KeyError:
+            raise StageError(f"no study {spec.study!r} in {shown_url(url)} yet: `make search` starts it") from None
         definition = self._definition(study_id)
         if definition != spec.definition():
             changed = sorted(k for k in {*definition, *spec.definition()}
@@ -408,6 +411,8 @@ class Search:
         """Trials until the study has its results; the exit status."""
         import optuna
 
+        from pipeline.run import connect  # MLflow: imported only to run trials (a refused file is quick)
+
         self.experiment_id = connect(load_config("tracking").tracking)  # the store, before parallel trials
         self.fail_dead_trials()
         if self.finished() < self.spec.trials:
@@ -536,9 +541,9 @@ def main() -> None:
     parser.add_argument("search_file", type=Path, help="e.g. conf/search/recipe.yaml")
     parser.add_argument("--report", action="store_true", help="write and print the report only; run no trial")
     args = parser.parse_args(sys.argv[1:])
-    root = project_root()
+    root = Path.cwd()
     spec = load_spec(args.search_file)
-    search = Search(spec, args.search_file, storage_url(root), root)
+    search = Search(spec, args.search_file, storage_url(root), root, create=not args.report)
     # SIGTERM (a scheduler, `kill`) ends the worker as Ctrl-C does: the trial stopped and marked failed.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     status = 0

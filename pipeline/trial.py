@@ -75,6 +75,7 @@ def open_storage(url: str, **heartbeat: Any) -> optuna.storages.RDBStorage:
     import optuna
     import sqlalchemy.exc
 
+    given = url
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     if url.startswith("postgresql"):
@@ -87,7 +88,7 @@ def open_storage(url: str, **heartbeat: Any) -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine, skip_table_creation=False, **heartbeat)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
         first = (str(getattr(err, "orig", None) or err).strip().splitlines() or [type(err).__name__])[0]
-        raise StageError(f"study storage {shown_url(url)}: cannot open it: {first}") from None
+        raise StageError(f"study storage {shown_url(given)}: cannot open it: {first}") from None
 
 
 def build_pruner(definition: dict[str, Any]) -> optuna.pruners.BasePruner:

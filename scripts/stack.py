@@ -4,7 +4,7 @@ server that keeps its runs in the first and its artifacts in the second.
     python scripts/stack.py up [SERVICE...]      # start what is not running (make stack)
     python scripts/stack.py down [SERVICE...]    # stop, newest first (make stack-down)
     python scripts/stack.py status               # each service's health; exit 1 unless all healthy
-    python scripts/stack.py env                  # the line a client exports
+    python scripts/stack.py env                  # the lines a client exports (MLflow, make search)
     python scripts/stack.py remote [--repo DIR]  # the DVC remote `team` of a checkout: its credentials
 
 Everything lives under the stack folder (`STACK_DIR`, default `.stack/` at the repository root,
@@ -48,6 +48,9 @@ PORT_ENV = {"postgres": "STACK_PG_PORT", "s3": "STACK_S3_PORT", "mlflow": "STACK
 # The object store's internal ports (its master, volume and filer servers, and their gRPC twins).
 S3_INTERNAL = ("s3_master", "s3_master_grpc", "s3_volume", "s3_volume_grpc", "s3_filer", "s3_filer_grpc", "s3_grpc")
 DB_USER, DB_NAME = "minigpt", "mlflow"
+# `make search`'s studies (OPTUNA_STORAGE): a database of their own, since Optuna and MLflow both
+# keep their schema version in a table named alembic_version.
+OPTUNA_DB = "optuna"
 BUCKETS = {"mlflow": "minigpt-mlflow", "dvc": "minigpt-dvc"}
 REGION = "us-east-1"  # SeaweedFS ignores it; boto3 wants one
 SERVICES = ("postgres", "s3", "mlflow")  # start order; stopped in reverse
@@ -350,8 +353,10 @@ def start_postgres(stack: Stack, port: int) -> str:
     took = wait_ready("postgres", process, stack.log_file("postgres"),
                       lambda: postgres_health(stack, port, dbname="postgres"))
     with db_connect(stack, port, "postgres") as conn:
-        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,)).fetchone() is None:
-            conn.execute(f"CREATE DATABASE {DB_NAME} OWNER {DB_USER}")
+        for name in (DB_NAME, OPTUNA_DB):
+            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+                conn.execute(f"CREATE DATABASE {name} OWNER {DB_USER}")
+    write_pgpass(stack, port)
     return f"{'initialised and ' if fresh else ''}started in {took:.1f} s"
 
 
@@ -421,8 +426,7 @@ def mlflow_env(stack: Stack, ports: dict[str, int]) -> dict[str, str]:
     """The server's environment: the database password through a libpq password file and the
     S3 key pair through an AWS credentials file (both 0600), not on the command line."""
     keys = stack.secrets()
-    pgpass = stack.secrets_dir / "pgpass"
-    write_private(pgpass, f"127.0.0.1:{ports['postgres']}:{DB_NAME}:{DB_USER}:{keys['postgres_password']}\n")
+    pgpass = write_pgpass(stack, ports["postgres"])
     credentials = stack.secrets_dir / "aws-credentials"
     write_private(credentials, f"[default]\naws_access_key_id = {keys['s3_access_key']}\n"
                                f"aws_secret_access_key = {keys['s3_secret_key']}\n")
@@ -432,6 +436,21 @@ def mlflow_env(stack: Stack, ports: dict[str, int]) -> dict[str, str]:
             "AWS_EC2_METADATA_DISABLED": "true",  # never wait on a cloud metadata endpoint
             "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}",
             "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+
+
+def write_pgpass(stack: Stack, port: int) -> Path:
+    """A libpq password file (0600) for the stack's databases: what the MLflow server and
+    `make search` (through PGPASSFILE) log in with, so no URL carries the password."""
+    pgpass = stack.secrets_dir / "pgpass"
+    write_private(pgpass, f"127.0.0.1:{port}:*:{DB_USER}:{stack.secrets()['postgres_password']}\n")
+    return pgpass
+
+
+def client_exports(stack: Stack, ports: dict[str, int]) -> list[str]:
+    """The lines a client exports: the tracking server, and the study database of `make search`."""
+    return [f"export MLFLOW_TRACKING_URI={tracking_url(ports)}",
+            f"export OPTUNA_STORAGE=postgresql://{DB_USER}@127.0.0.1:{ports['postgres']}/{OPTUNA_DB} "
+            f"PGPASSFILE={stack.secrets_dir / 'pgpass'}"]
 
 
 def tracking_url(ports: dict[str, int]) -> str:
@@ -512,7 +531,7 @@ def up(stack: Stack, services: list[str]) -> None:
         log(f"{service}: {starters[service]()} ({address(service, ports)})")
     if stack.dir.resolve() == (ROOT / ".stack").resolve():
         configure_remote(stack, ROOT)
-    print(f"\nexport MLFLOW_TRACKING_URI={tracking_url(ports)}")
+    print("\n" + "\n".join(client_exports(stack, ports)))
     print(f"MLflow UI: {tracking_url(ports)}")
     print(f"DVC remote: dvc push -r team / dvc pull -r team (S3 at http://127.0.0.1:{ports['s3']}, "
           f"bucket {BUCKETS['dvc']})")
@@ -593,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
             ports = stack.recorded_ports()
             if not ports:
                 raise StackError(f"no stack in {stack.dir} yet: `make stack` starts one")
-            print(f"export MLFLOW_TRACKING_URI={tracking_url(ports)}")
+            print("\n".join(client_exports(stack, ports)))
         elif args.command == "remote":
             if not stack.recorded_ports():
                 raise StackError(f"no stack in {stack.dir} yet: `make stack` starts one")

@@ -22,7 +22,7 @@ import minigpt.train as train_module
 from minigpt.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from minigpt.config import ModelConfig, TrainConfig
 from minigpt.model import GPTModel
-from minigpt.train import TrainingDiverged, build_optimizer, lr_at, param_groups
+from minigpt.train import TrainingDiverged, build_optimizer, lr_at, param_groups, stop_reason
 from train_helpers import (
     MAX_LENGTH,
     TEXT,
@@ -448,6 +448,26 @@ def test_early_stopping_after_patience_evaluations_without_improvement(corpus, t
 def test_no_early_stopping_while_val_loss_improves(corpus, tmp_path):
     result = run_training(corpus, tmp_path, base_config(max_steps=8, eval_interval=2, patience=1))
     assert result.stop_reason == "max_steps" and result.state.step == 8
+
+
+def test_a_callback_stops_the_run_after_an_evaluation_and_it_can_go_on(corpus, tmp_path):
+    """What a search's pruner does: a reason returned for an eval record ends the run there,
+    `last` saved at that step, and the run is not complete (a resume trains on to the budget)."""
+    seen: list[tuple[str, int]] = []
+
+    def prune_at_4(record):
+        seen.append((record["kind"], record["step"]))
+        return "pruned" if record["kind"] == "eval" and record["step"] == 4 else None
+
+    cfg = base_config(max_steps=8, eval_interval=2, lr_decay_steps=8)
+    result = run_training(corpus, tmp_path, cfg, callbacks=(prune_at_4,))
+    assert result.stop_reason == "pruned" and result.state.step == 4
+    assert seen[-1] == ("eval", 4) and ("train", 5) not in seen
+    assert load_checkpoint(result.last_checkpoint, tiny_model())["step"] == 4
+    assert stop_reason(result.state, TrainConfig(**cfg)) is None
+    resumed = run_training(corpus, tmp_path, {**cfg, "resume": "auto"})
+    assert resumed.stop_reason == "max_steps" and resumed.state.step == 8
+    assert [r["step"] for r in resumed.history if r["kind"] == "train"] == list(range(1, 9))
 
 
 def test_max_tokens_budget(corpus, tmp_path):
