@@ -233,12 +233,14 @@ class Search:
         import optuna
 
         self.spec, self.spec_path, self.url, self.root = spec, spec_path, url, root
-        optuna.logging.set_verbosity(optuna.logging.WARNING)  # this module says what happens, once
+        # This module says what happens to each trial in one line; Optuna's log would repeat it
+        # with a traceback for every failed (or surplus) trial.
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat's
             self.storage = open_storage(url, heartbeat_interval=HEARTBEAT, grace_period=GRACE,
                                         heartbeat_stale_trial_callback=self.requeue)
-        self.failures_in_a_row = 0
+        self.failures_in_a_row, self.gave_up = 0, False
         self.current: int | None = None  # the trial this worker runs
         created = self._create() if create else False
         try:
@@ -345,10 +347,13 @@ class Search:
         self.current = trial.number
         try:
             self.run_experiment(trial, name, trial_overrides(self.spec, params))
+            run = self.trial_run(trial.number)
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)
             raise
-        run = self.trial_run(trial.number)
+        except TrialFailed as err:
+            trial.set_user_attr("error", str(err))
+            raise
         value = run.data.metrics.get(self.spec.objective)
         stop_reason = run.data.tags.get("train.stop_reason")
         steps = int(run.data.tags.get("train.steps", 0))
@@ -360,7 +365,9 @@ class Search:
             print(f"search: trial {trial.number}: pruned after {steps} steps ({time.time() - started:.0f} s)")
             raise optuna.TrialPruned(f"at step {steps}")
         if value is None or not math.isfinite(value):
-            raise TrialFailed(f"trial {trial.number}: its run {run.info.run_id} has no finite {self.spec.objective}")
+            error = f"its run {run.info.run_id} has no finite {self.spec.objective}"
+            trial.set_user_attr("error", error)
+            raise TrialFailed(error)
         print(f"search: trial {trial.number}: {self.spec.objective} {value:.4f} ({time.time() - started:.0f} s)")
         return value
 
@@ -382,7 +389,7 @@ class Search:
                 stop_experiment(proc)
                 raise
         if code != 0:
-            raise TrialFailed(f"trial {trial.number}: {name} failed ({last_error(log_path)}); log: {log_path}")
+            raise TrialFailed(f"{name} failed ({last_error(log_path)}); log: {log_path}")
 
     def trial_run(self, number: int) -> Any:
         from mlflow.tracking import MlflowClient
@@ -391,24 +398,30 @@ class Search:
         runs = MlflowClient().search_runs([self.experiment_id], filter_string=filter_string,
                                           order_by=["attributes.start_time DESC"], max_results=1)
         if not runs:
-            raise TrialFailed(f"trial {number}: its experiment ended, but no MLflow run is tagged {filter_string!r}")
+            raise TrialFailed(f"its experiment ended, but no MLflow run is tagged {filter_string!r}")
         return runs[0]
 
     def after_trial(self, study: Any, trial: Any) -> None:
         from optuna.trial import TrialState
 
         if trial.user_attrs.get("not_run"):
+            print(f"search: the study has all its {self.spec.trials} trials (the last run on other workers); "
+                  f"this worker stops")
             study.stop()
             return
+        if trial.state == TrialState.FAIL:
+            print(f"search: trial {trial.number} failed: {trial.user_attrs.get('error', 'see its log')}")
         self.failures_in_a_row = self.failures_in_a_row + 1 if trial.state == TrialState.FAIL else 0
         if self.failures_in_a_row >= FAILURES_IN_A_ROW:
-            print(f"search: {FAILURES_IN_A_ROW} trials in a row failed; stopping (see their logs)")
+            print(f"search: {FAILURES_IN_A_ROW} trials in a row failed; this worker stops")
+            self.gave_up = True
             study.stop()
         elif self.finished() >= self.spec.trials:
             study.stop()
 
     def run(self) -> int:
-        """Trials until the study has its results; the exit status."""
+        """Trials until the study has its results or all its trials run somewhere; the exit
+        status: 1 if this worker gave up after FAILURES_IN_A_ROW failed trials."""
         import optuna
 
         from pipeline.run import connect  # MLflow: imported only to run trials (a refused file is quick)
@@ -425,7 +438,7 @@ class Search:
                     if self.current is not None:
                         self.requeue(self.study, self.study.get_trials(deepcopy=False)[self.current])
                     raise
-        return 0 if self.finished() >= self.spec.trials else 1
+        return 1 if self.gave_up else 0
 
 
 class TrialFailed(Exception):

@@ -155,6 +155,18 @@ def test_a_trial_of_a_worker_killed_on_this_machine_is_failed_and_queued_again(t
     assert [t.state for t in skip.study.get_trials()] == [TrialState.FAIL, TrialState.FAIL, TrialState.WAITING]
 
 
+def test_a_worker_stops_after_three_failed_trials_each_told_in_one_line(conf_only):
+    """Outside a DVC repository every trial's `dvc exp run` fails: a broken setup, not bad luck."""
+    shutil.copy(ROOT / "params.yaml", conf_only / "params.yaml")
+    proc = search_cli(conf_only, smoke_search(trials=5))
+    failed = [line for line in proc.stdout.splitlines() if " failed: " in line]
+    assert proc.returncode == 1 and len(failed) == 3, proc.stdout + proc.stderr
+    assert failed[0].startswith("search: trial 0 failed: smoke-t0 failed (") and "log: reports/search/smoke/trial-0.log" in failed[0]
+    assert "search: 3 trials in a row failed; this worker stops" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert re.search(r"\|\s+2 \| failed\s+\|", (conf_only / "reports/search/smoke.md").read_text())
+
+
 # --------------------------------------------------------------------------- the real thing
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory) -> Path:

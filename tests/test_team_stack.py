@@ -9,6 +9,7 @@ free loopback ports, and every test here works against those servers, as a team 
 - clone A pushes its DVC data and models to the `team` remote; a fresh clone B pulls them:
   `dvc repro` there runs nothing and generates A's text exactly;
 - A and B run queued sweeps at the same time into the one server: every run, every point;
+- A and B run `make search` on one study in the database: every trial once, none lost;
 - faults: the store down during `dvc push`, wrong secrets, a port already taken.
 
 The stack is stopped at the end whatever happened, and no process of it may remain.
@@ -417,3 +418,59 @@ def test_a_server_down_past_the_wait_fails_in_one_line_and_a_rerun_completes_the
     client = MlflowClient(stack.url)
     assert client.get_run(run_id).info.status == "FINISHED" and run_id in errors[0]
     assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == list(range(1, 61))
+
+
+def test_two_machines_search_one_study_in_the_stack_database(stack, clone_a, clone_b, monkeypatch):
+    """`make search` on A and on B at once, one study in the stack's PostgreSQL (the OPTUNA_STORAGE
+    that `make stack` prints), its trials tracked in the server: every trial ran once, on one
+    machine or the other, and none was lost."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    from pipeline.trial import open_storage
+
+    exports = dict(assignment.split("=", 1) for line in stack.cli("env").stdout.splitlines()
+                   if line.startswith("export OPTUNA_STORAGE=") for assignment in line.split()[1:])
+    assert exports["OPTUNA_STORAGE"].startswith("postgresql://minigpt@127.0.0.1:") and len(exports) == 2
+    spec = {"study": "team", "trials": 4, "budget": {"train.max_steps": 4},
+            "fixed": {"train": "smoke", "data": "shakespeare-mini", "eval.val_batches": 4, "eval.train_batches": 2,
+                      "eval.batch_size": 4, "tracking.log_model": False},
+            "params": {"train.lr": {"low": 1e-3, "high": 1e-2, "log": True}}, "pruner": {"kind": "none"}}
+    repos = {"a": clone_a["repo"], "b": clone_b}
+    workers = {}
+    for name, repo in repos.items():
+        (repo / "team.yaml").write_text(json.dumps(spec))  # YAML's subset
+        with open(repo / "search.log", "w") as out:
+            workers[name] = subprocess.Popen([sys.executable, "-m", "pipeline.search", "team.yaml"], cwd=repo,
+                                             env=env_for(repo, MLFLOW_TRACKING_URI=stack.url, **exports),
+                                             stdout=out, stderr=subprocess.STDOUT)
+    try:
+        codes = {name: proc.wait(timeout=900) for name, proc in workers.items()}
+    finally:
+        for proc in workers.values():
+            if proc.poll() is None:
+                proc.kill()
+    logs = {name: (repo / "search.log").read_text() for name, repo in repos.items()}
+    assert codes == {"a": 0, "b": 0}, logs
+
+    monkeypatch.setenv("PGPASSFILE", exports["PGPASSFILE"])  # this process reads the study too
+    study = optuna.load_study(study_name="team", storage=open_storage(exports["OPTUNA_STORAGE"]))
+    ran = [t for t in study.get_trials() if not t.user_attrs.get("not_run")]
+    assert [t.state for t in ran] == [TrialState.COMPLETE] * 4, [(t.number, t.state) for t in study.get_trials()]
+    by_machine = {name: [t.number for t in ran if f"search: trial {t.number} (team-t{t.number})" in log]
+                  for name, log in logs.items()}
+    assert sorted(by_machine["a"] + by_machine["b"]) == [t.number for t in ran] and all(by_machine.values())
+    assert len({t.user_attrs["worker"] for t in ran}) == 2 and len({t.params["train.lr"] for t in ran}) == 4
+
+    experiment_id = MlflowClient(stack.url).get_experiment_by_name("minigpt").experiment_id
+    runs = MlflowClient(stack.url).search_runs([experiment_id], filter_string="tags.search = 'team'")
+    assert sorted(int(r.data.tags["trial"]) for r in runs) == sorted(t.number for t in ran)  # one run a trial
+    for trial in ran:
+        (run_,) = [r for r in runs if r.data.tags["trial"] == str(trial.number)]
+        assert run_.info.status == "FINISHED" and run_.data.metrics["val_bits_per_byte"] == trial.value
+        assert run_.info.run_id == trial.user_attrs["mlflow_run"]
+    for name, repo in repos.items():
+        experiments = set(run(repo, "dvc", "exp", "list", "--all-commits", "--name-only").stdout.split())
+        assert {f"team-t{n}" for n in by_machine[name]} <= experiments
+        assert "Best: trial" in (repo / "reports/search/team.md").read_text()
