@@ -3,6 +3,7 @@ far (Optuna) and stops hopeless ones early; every trial an ordinary DVC experime
 
     python -m pipeline.search conf/search/recipe.yaml            # run (or continue) the study
     python -m pipeline.search conf/search/recipe.yaml --report   # only the report of its trials
+    python -m pipeline.search conf/search/recipe.yaml --report --against recipe-grid  # vs the grid
     OPTUNA_STORAGE=postgresql://... python -m pipeline.search F  # one study, several machines
 
 The search file (conf/search/recipe.yaml says what each key means) names the parameters and
@@ -342,8 +343,7 @@ class Search:
         for key, value in (("worker", worker_id()), ("experiment", name)):
             trial.set_user_attr(key, value)
         started = time.time()
-        print(f"search: trial {trial.number} ({name}): {', '.join(override(k, v) for k, v in params.items())}",
-              flush=True)
+        print(f"search: trial {trial.number} ({name}): {', '.join(override(k, v) for k, v in params.items())}")
         self.current = trial.number
         try:
             self.run_experiment(trial, name, trial_overrides(self.spec, params))
@@ -519,8 +519,40 @@ def importance_plot(study: Any, path: Path) -> str | None:
     return None
 
 
-def report(search: Search) -> str:
-    """reports/search/<study>.md and <study>-importance.png; the text printed."""
+def against(study: Any, other: Any, objective: str, within: float = 0.01) -> list[str]:
+    """How `study` fared against `other` (e.g. the grid over the same space): the trials and
+    wall-clock it took to come within `within` of the other's best, beside what the other took."""
+    from optuna.trial import TrialState
+
+    def timeline(s: Any) -> tuple[list[Any], Any]:
+        done = sorted((t for t in s.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)),
+                      key=lambda t: t.datetime_complete)
+        return done, min((t.datetime_start for t in s.get_trials(deepcopy=False) if t.datetime_start), default=None)
+
+    def minutes(since: Any, until: Any) -> str:
+        return f"{(until - since).total_seconds() / 60:.1f} min"
+
+    target = other.best_value + within
+    done, start = timeline(study)
+    other_done, other_start = timeline(other)
+    first = next((i for i, t in enumerate(done) if t.state == TrialState.COMPLETE and t.value <= target), None)
+    pruned = sum(t.state == TrialState.PRUNED for t in done)
+    lines = [f"Against study `{other.study_name}` (best {objective} {other.best_value:.4f}, "
+             f"{len(other_done)} trials in {minutes(other_start, other_done[-1].datetime_complete)}):"]
+    if first is None:
+        lines.append(f"- never within {within} of it in {len(done)} trials ({pruned} pruned)")
+    else:
+        lines.append(f"- within {within} of it after {first + 1} trials, "
+                     f"{minutes(start, done[first].datetime_complete)} (trial {done[first].number}: "
+                     f"{done[first].value:.4f})")
+    lines.append(f"- in all: {len(done)} trials, {pruned} pruned, "
+                 f"{minutes(start, done[-1].datetime_complete) if done else '0 min'}")
+    return lines + [""]
+
+
+def report(search: Search, against_study: str | None = None) -> str:
+    """reports/search/<study>.md and <study>-importance.png; the text printed. `against_study`:
+    another study in the same storage to measure this one by (its best, its wall-clock)."""
     from optuna.trial import TrialState
 
     spec, study = search.spec, search.study
@@ -539,6 +571,14 @@ def report(search: Search) -> str:
                   *[f"- `{override(k, v)}`" for k, v in best.params.items()], ""]
     if len(table):
         lines += [table.to_markdown(index=False), ""]
+    if against_study:
+        import optuna
+
+        try:
+            other = optuna.load_study(study_name=against_study, storage=search.storage)
+            lines += against(study, other, spec.objective)
+        except (KeyError, ValueError) as err:  # no such study, or none of its trials complete
+            raise StageError(f"--against {against_study}: {str(err).strip(chr(39))}") from None
     png = SEARCH_REPORTS / f"{spec.study}-importance.png"
     why_not = importance_plot(study, png) if len(complete) >= 2 else "fewer than 2 complete trials"
     lines += [f"![parameter importance]({png.name})" if why_not is None else f"No importance plot: {why_not}.", ""]
@@ -553,7 +593,10 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("search_file", type=Path, help="e.g. conf/search/recipe.yaml")
     parser.add_argument("--report", action="store_true", help="write and print the report only; run no trial")
+    parser.add_argument("--against", metavar="STUDY", help="compare with another study of the same storage "
+                                                           "(e.g. recipe-grid): trials and minutes to within 0.01")
     args = parser.parse_args(sys.argv[1:])
+    sys.stdout.reconfigure(line_buffering=True)  # a line per trial as it happens, also into a log file
     root = Path.cwd()
     spec = load_spec(args.search_file)
     search = Search(spec, args.search_file, storage_url(root), root, create=not args.report)
@@ -566,7 +609,7 @@ def main() -> None:
     except KeyboardInterrupt:
         print(f"search: interrupted; `make search` continues study {spec.study!r}", file=sys.stderr)
         sys.exit(130)
-    print(report(search))
+    print(report(search, args.against))
     sys.exit(status)
 
 

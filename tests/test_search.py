@@ -167,6 +167,36 @@ def test_a_worker_stops_after_three_failed_trials_each_told_in_one_line(conf_onl
     assert re.search(r"\|\s+2 \| failed\s+\|", (conf_only / "reports/search/smoke.md").read_text())
 
 
+def test_against_counts_the_trials_and_minutes_to_come_within_001_of_the_other_best():
+    import datetime
+
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import FrozenTrial, TrialState
+
+    from pipeline.search import against
+
+    t0 = datetime.datetime(2026, 12, 7, 12, 0)
+
+    def study_of(name: str, results: list) -> optuna.Study:
+        study = optuna.create_study(study_name=name)
+        for i, (value, state, start, end) in enumerate(results):
+            study.add_trial(FrozenTrial(
+                number=i, trial_id=i, state=state, value=value if state == TrialState.COMPLETE else None,
+                datetime_start=t0 + datetime.timedelta(minutes=start), datetime_complete=t0 + datetime.timedelta(minutes=end),
+                params={"x": float(i)}, distributions={"x": FloatDistribution(0, 10)}, user_attrs={}, system_attrs={},
+                intermediate_values={50: value}))
+        return study
+
+    C, P = TrialState.COMPLETE, TrialState.PRUNED
+    grid = study_of("grid", [(2.00, C, 0, 3), (1.90, C, 3, 6), (1.95, C, 6, 9)])
+    search = study_of("search", [(1.99, C, 0, 3), (2.50, P, 3, 4), (1.905, C, 4, 7), (1.80, C, 7, 10)])
+    lines = against(search, grid, "val_bits_per_byte")
+    assert lines[0] == "Against study `grid` (best val_bits_per_byte 1.9000, 3 trials in 9.0 min):"
+    assert lines[1] == "- within 0.01 of it after 3 trials, 7.0 min (trial 2: 1.9050)"
+    assert lines[2] == "- in all: 4 trials, 1 pruned, 10.0 min"
+
+
 # --------------------------------------------------------------------------- the real thing
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory) -> Path:
