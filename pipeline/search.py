@@ -242,7 +242,6 @@ class Search:
             self.storage = open_storage(url, heartbeat_interval=HEARTBEAT, grace_period=GRACE,
                                         heartbeat_stale_trial_callback=self.requeue)
         self.failures_in_a_row, self.gave_up = 0, False
-        self.current: int | None = None  # the trial this worker runs
         created = self._create() if create else False
         try:
             study_id = self.storage.get_study_id_from_name(spec.study)
@@ -259,9 +258,6 @@ class Search:
         seed = spec.seed if created else hash((spec.seed, os.getpid(), time.time_ns())) % 2**31
         self.study = optuna.load_study(study_name=spec.study, storage=self.storage, sampler=self._sampler(seed),
                                        pruner=build_pruner(self.storage.get_study_user_attrs(study_id)[PRUNER_ATTR]))
-        if created:
-            for point in spec.first_trials:
-                self.study.enqueue_trial(point)
 
     def _create(self) -> bool:
         """Create the study, with its definition; False if it exists (another worker made it)."""
@@ -272,6 +268,8 @@ class Search:
         except optuna.exceptions.DuplicatedStudyError:
             return False
         self.storage.set_study_user_attr(study_id, PRUNER_ATTR, self.spec.pruner.model_dump())
+        for point in self.spec.first_trials:  # queued before the definition: a joining worker waits for it
+            optuna.Study(self.spec.study, self.storage).enqueue_trial(point)
         self.storage.set_study_user_attr(study_id, SPEC_ATTR, self.spec.definition())
         return True
 
@@ -306,7 +304,8 @@ class Search:
         return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
     def requeue(self, study: Any, trial: Any) -> None:
-        """An interrupted trial: its parameters run again (`interrupted: retry`) or not (skip)."""
+        """An interrupted trial (a Trial, or a FrozenTrial found dead): its parameters run again
+        (`interrupted: retry`) or not (skip)."""
         if self.spec.interrupted == "retry" and trial.params:
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
             print(f"search: trial {trial.number} was interrupted; its parameters are queued to run again")
@@ -316,6 +315,7 @@ class Search:
     def fail_dead_trials(self) -> None:
         """Trials still RUNNING for a worker of this machine whose process is gone (a kill -9):
         failed now, not after the heartbeat's grace period."""
+        import optuna
         import psutil
         from optuna.trial import TrialState
 
@@ -324,9 +324,12 @@ class Search:
             worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
             if worker_host == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
                 trial_id = trial._trial_id  # Optuna's storage API names trials by id
-                self.storage.set_trial_user_attr(trial_id, "interrupted", True)
-                if self.storage.set_trial_state_values(trial_id, TrialState.FAIL):
-                    self.requeue(self.study, trial)
+                try:
+                    self.storage.set_trial_user_attr(trial_id, "interrupted", True)
+                    self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    continue  # another worker starting here failed it first
+                self.requeue(self.study, trial)
 
     def objective(self, trial: Any) -> float:
         import optuna
@@ -337,6 +340,8 @@ class Search:
                  if t.number < trial.number]
         if len(ahead) >= self.spec.trials:  # another worker asked for the last trial a moment earlier
             trial.set_user_attr("not_run", True)
+            if fixed := trial.system_attrs.get("fixed_params"):  # a queued point (a retry): keep it queued
+                self.study.enqueue_trial(fixed, user_attrs={k: v for k, v in trial.user_attrs.items() if k != "not_run"})
             raise SurplusTrial
         params = {name: rng.suggest(trial, name) for name, rng in self.spec.params.items()}
         name = f"{self.spec.study}-t{trial.number}"
@@ -344,12 +349,12 @@ class Search:
             trial.set_user_attr(key, value)
         started = time.time()
         print(f"search: trial {trial.number} ({name}): {', '.join(override(k, v) for k, v in params.items())}")
-        self.current = trial.number
         try:
             self.run_experiment(trial, name, trial_overrides(self.spec, params))
             run = self.trial_run(trial.number)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Optuna marks the trial failed once this leaves `objective`
             trial.set_user_attr("interrupted", True)
+            self.requeue(self.study, trial)
             raise
         except TrialFailed as err:
             trial.set_user_attr("error", str(err))
@@ -431,13 +436,7 @@ class Search:
         if self.finished() < self.spec.trials:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                try:
-                    self.study.optimize(self.objective, catch=(TrialFailed, SurplusTrial),
-                                        callbacks=[self.after_trial])
-                except KeyboardInterrupt:  # Optuna has marked the trial failed
-                    if self.current is not None:
-                        self.requeue(self.study, self.study.get_trials(deepcopy=False)[self.current])
-                    raise
+                self.study.optimize(self.objective, catch=(TrialFailed, SurplusTrial), callbacks=[self.after_trial])
         return 1 if self.gave_up else 0
 
 
@@ -451,7 +450,10 @@ class SurplusTrial(Exception):
 
 def stop_experiment(proc: subprocess.Popen) -> None:
     """End a trial's `dvc exp run` as Ctrl-C would (its MLflow run is then marked failed, not
-    left running), SIGKILL if it has not ended within STOP_WAIT seconds."""
+    left running), SIGKILL if it has not ended within STOP_WAIT seconds. A second Ctrl-C meanwhile
+    does not leave it running."""
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_IGN)
     for sig, wait in ((signal.SIGINT, STOP_WAIT), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)

@@ -109,20 +109,22 @@ def pruning_callback() -> Callable[[dict[str, Any]], str | None] | None:
     """For a trial: a training callback that reports each evaluation's `val_loss` to the study
     at its step and answers PRUNED when the pruner stops the trial; None outside a search.
 
-    All the stages' objectives are losses on the same validation tokens, so a trial's val_loss
-    series ranks trials in the objective's order (lower is better) at every step."""
+    The stages' objectives are all losses on the validation split, so a trial's val_loss series
+    ranks trials in the objective's order (lower is better) at each step, as long as no searched
+    parameter changes the data, tokenizer or eval sample. The median pruner compares trials at
+    the same step: trials that evaluate at other steps (another eval_interval) never prune each
+    other."""
     info = current_trial()
     if info is None:
         return None
     import optuna
-    import sqlalchemy.exc
 
     storage = open_storage(info.storage)
     try:
         study_id = storage.get_study_id_from_name(info.study)
         pruner = build_pruner(storage.get_study_user_attrs(study_id)[PRUNER_ATTR])
-    except (KeyError, sqlalchemy.exc.SQLAlchemyError) as err:
-        raise StageError(f"study {info.study!r} in {shown_url(info.storage)}: {err}") from None
+    except (KeyError, optuna.exceptions.OptunaError) as err:
+        raise StageError(f"study {info.study!r} in {shown_url(info.storage)}: {err.__cause__ or err}") from None
     trial = optuna.trial.Trial(optuna.Study(info.study, storage, pruner=pruner), info.trial_id)
 
     def report(record: dict[str, Any]) -> str | None:
@@ -132,8 +134,12 @@ def pruning_callback() -> Callable[[dict[str, Any]], str | None] | None:
             trial.report(record["val_loss"], record["step"])
             if not trial.should_prune():
                 return None
-        except sqlalchemy.exc.SQLAlchemyError as err:
-            raise StageError(f"study storage {shown_url(info.storage)}: {str(err).splitlines()[0]}") from None
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise StageError(f"trial {info.number} of study {info.study!r} is no longer running (its worker "
+                             f"stopped and failed it); this run stops") from None
+        except optuna.exceptions.OptunaError as err:  # the database, down or refusing (StorageInternalError)
+            cause = str(err.__cause__ or err).strip().splitlines() or [type(err).__name__]
+            raise StageError(f"study storage {shown_url(info.storage)}: {cause[0]}") from None
         print(f"search: trial {info.number} of {info.study!r} pruned at step {record['step']} "
               f"(val loss {record['val_loss']:.4f})")
         return PRUNED
