@@ -24,6 +24,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def tokenized_template(tmp_path_factory):
+    """A clone with the smoke params whose data stages have run, made once a session: the
+    pipeline tests start from a copy of it (`pipeline_helpers.copy_repo`) instead of each
+    preparing and tokenizing the same data again (~20 s a time)."""
+    from pipeline_helpers import clone_checkout, compose_smoke, run
+
+    repo = clone_checkout(tmp_path_factory.mktemp("tokenized"))
+    compose_smoke(repo)
+    run(repo, "dvc", "repro", "tokenize")
+    return repo
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """An empty minigpt cache for this test (MINIGPT_CACHE_DIR)."""

@@ -34,6 +34,12 @@ def clone_checkout(dest: Path) -> Path:
     return dest
 
 
+def copy_repo(template: Path, dest: Path) -> Path:
+    """A copy of a clone, its git history, DVC cache and outputs included (nothing in them
+    holds an absolute path until an MLflow store is made)."""
+    return Path(shutil.copytree(template, dest, symlinks=True))
+
+
 def git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args],
                           cwd=repo, check=True, capture_output=True, text=True).stdout

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,25 +22,17 @@ import pytest
 import torch
 import yaml
 
-from pipeline_helpers import all_runs, clone_checkout, compose_smoke, env_for, run
+from pipeline_helpers import all_runs, compose_smoke, copy_repo, env_for, run
 
 pytestmark = pytest.mark.slow
 
 PY = sys.executable
 
 
-@pytest.fixture(scope="module")
-def tokenized(tmp_path_factory) -> Path:
-    """A clone whose data stages have run (smoke params); each test works on a copy of it."""
-    repo = clone_checkout(tmp_path_factory.mktemp("template"))
-    compose_smoke(repo)
-    run(repo, "dvc", "repro", "tokenize")
-    return repo
-
-
 @pytest.fixture
-def project(tokenized, tmp_path) -> Path:
-    return Path(shutil.copytree(tokenized, tmp_path / "project", symlinks=True))
+def project(tokenized_template, tmp_path) -> Path:
+    """A clone whose data stages have run (smoke params), this test's own."""
+    return copy_repo(tokenized_template, tmp_path / "project")
 
 
 def store(repo: Path) -> str:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_helpers import SMOKE, clone_checkout, compose_smoke, env_for, free_port, run, stage_runs, wait_until_up
+from pipeline_helpers import SMOKE, copy_repo, env_for, free_port, run, stage_runs, wait_until_up
 
 pytestmark = pytest.mark.slow
 
@@ -61,10 +61,9 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, chromium) -> dict:
+def store(tokenized_template, tmp_path_factory, chromium) -> dict:
     """A clone whose store holds two FINISHED pretrain runs that differ in `train.lr`."""
-    repo = clone_checkout(tmp_path_factory.mktemp("ui-clone"))
-    compose_smoke(repo)
+    repo = copy_repo(tokenized_template, tmp_path_factory.mktemp("ui-clone") / "repo")
     run(repo, sys.executable, "-m", "pipeline.run")  # the store and the experiment, once
     smoke = [arg for o in SMOKE for arg in ("-S", o)]
     for lr in LRS:  # up to evaluate + sample: the reports at the run root, no finetune runs

@@ -14,7 +14,7 @@ import sys
 import nbformat
 import pytest
 
-from pipeline_helpers import ROOT, SMOKE, clone_checkout, compose_smoke, env_for, run
+from pipeline_helpers import ROOT, SMOKE, clone_checkout, copy_repo, env_for, run
 
 NAMES = ["01_data_exploration.ipynb", "02_attention_mechanism_test.ipynb", "03_compare_runs.ipynb"]
 
@@ -95,9 +95,8 @@ def test_notebooks_fall_back_on_a_fresh_clone(tmp_path):
 
 
 @pytest.mark.slow
-def test_notebooks_on_the_pipeline_outputs(tmp_path):
-    repo = clone_checkout(tmp_path)
-    compose_smoke(repo)
+def test_notebooks_on_the_pipeline_outputs(tokenized_template, tmp_path):
+    repo = copy_repo(tokenized_template, tmp_path / "repo")
     run(repo, "dvc", "repro", "evaluate")  # data, checkpoint, a pretrain run with its scores
     # A second run with another learning rate: something for 03 to compare.
     run(repo, sys.executable, "-m", "pipeline.compose", *SMOKE, "train.lr=0.001")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline_helpers import ROOT, clone_checkout, compose_smoke, env_for, run, stage_runs
+from pipeline_helpers import ROOT, copy_repo, env_for, run, stage_runs
 
 SMOKE_TRIAL = {"train": "smoke", "train.min_lr": 0, "data": "shakespeare-mini", "eval.val_batches": 4,
                "eval.train_batches": 2, "eval.batch_size": 4, "tracking.log_model": False}
@@ -199,12 +199,9 @@ def test_against_counts_the_trials_and_minutes_to_come_within_001_of_the_other_b
 
 # --------------------------------------------------------------------------- the real thing
 @pytest.fixture(scope="module")
-def clone(tmp_path_factory) -> Path:
-    """A clone whose data stages ran once: every trial's temporary copy finds them in the cache."""
-    repo = clone_checkout(tmp_path_factory.mktemp("search"))
-    compose_smoke(repo)
-    run(repo, "dvc", "repro", "tokenize")
-    return repo
+def clone(tokenized_template, tmp_path_factory) -> Path:
+    """A clone whose data stages ran: every trial's temporary copy finds them in the cache."""
+    return copy_repo(tokenized_template, tmp_path_factory.mktemp("search") / "repo")
 
 
 @pytest.mark.slow

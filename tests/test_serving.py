@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from minigpt.serving import GENERATION_DEFAULTS, load_language_model, stream_text
-from pipeline_helpers import clone_checkout, compose_smoke, env_for, free_port, run, wait_until_up
+from pipeline_helpers import copy_repo, env_for, free_port, run, wait_until_up
 
 pytestmark = pytest.mark.slow
 
@@ -30,10 +30,9 @@ SETTINGS = {**GENERATION_DEFAULTS, "max_new_tokens": 6, "temperature": 0.9, "see
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> tuple[Path, str]:
+def project(tokenized_template, tmp_path_factory) -> tuple[Path, str]:
     """A clone whose pretrain stage ran, and its MLflow run id."""
-    repo = clone_checkout(tmp_path_factory.mktemp("clone"))
-    compose_smoke(repo)
+    repo = copy_repo(tokenized_template, tmp_path_factory.mktemp("clone") / "repo")
     run(repo, "dvc", "repro", "pretrain")
     return repo, json.loads((repo / "reports/mlflow_run.json").read_text())["run_id"]
 

@@ -468,6 +468,13 @@ def test_a_callback_stops_the_run_after_an_evaluation_and_it_can_go_on(corpus, t
     resumed = run_training(corpus, tmp_path, {**cfg, "resume": "auto"})
     assert resumed.stop_reason == "max_steps" and resumed.state.step == 8
     assert [r["step"] for r in resumed.history if r["kind"] == "train"] == list(range(1, 9))
+    # Asked at the first evaluation it stops there; asked only at the last, the run has trained
+    # its budget and ends complete, not pruned (a search measured such a trial as pruned).
+    every_eval = run_training(corpus, tmp_path / "every", cfg, callbacks=(lambda record: "pruned",))
+    assert every_eval.stop_reason == "pruned" and every_eval.state.step == 2
+    last_only = run_training(corpus, tmp_path / "last", cfg,
+                             callbacks=(lambda record: "pruned" if record["step"] == 8 else None,))
+    assert last_only.stop_reason == "max_steps" and last_only.state.step == 8
 
 
 def test_max_tokens_budget(corpus, tmp_path):

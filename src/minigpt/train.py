@@ -451,7 +451,9 @@ def train(
                     checkpoints.save(checkpoints.best, state)
                 # The timer restarts so evaluation time does not count against tokens/s.
                 window_start, window_tokens = time.perf_counter(), 0
-                if on_any_rank(requested is not None, ctx, device):  # only rank 0 runs callbacks
+                # Only rank 0 runs callbacks. A run at its budget ends for that reason, whatever a
+                # callback says at its last evaluation: it trained all it was meant to.
+                if on_any_rank(requested is not None, ctx, device) and stop_reason(state, cfg, False) is None:
                     reason = requested or "stopped_by_rank_0"
                     break
 
