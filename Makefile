@@ -62,11 +62,15 @@ $(STAMP): pyproject.toml scripts/setup.sh
 setup:
 	bash scripts/setup.sh
 
+# Two processes, a module each at a time (module fixtures are built once): much of the suite waits
+# on subprocesses, servers and sleeps, which the other process fills (tests/conftest.py orders them).
+XDIST := -n 2 --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 run: $(STAMP)
 	dvc repro

@@ -6,6 +6,17 @@ import pytest
 import torch
 
 
+# `make test` runs whole modules on 2 processes (pytest-xdist --dist loadfile) in the order
+# collected: the longest modules go first, so the run does not end waiting on one of them.
+LONGEST_FIRST = ("test_team_stack.py", "test_mlflow_ui.py", "test_search.py", "test_finetune_pipeline.py",
+                 "test_notebooks.py", "test_pipeline_e2e.py", "test_faults.py", "test_ddp.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module keeps its order
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
     """Every test starts from the same RNG state and a small thread count (CI has 2 cores)."""
