@@ -504,15 +504,15 @@ def importance_plot(study: Any, path: Path, complete: int) -> str | None:
 
     Its default evaluator, PED-ANOVA, asks how the best 10% of the trials differ from the rest:
     of 9 trials that is one, and every parameter then comes out equally important (so it did on
-    the 9-point recipe grid, where lr plainly matters most). The best third, at least 3 trials,
-    is asked instead."""
+    the 9-point recipe grid, where lr plainly matters most; so it still did with the best 3).
+    The best 5 trials, at most half and at least 10% of them, are asked instead."""
     import matplotlib
 
     matplotlib.use("Agg")
     import optuna
     from optuna.importance import PedAnovaImportanceEvaluator
 
-    evaluator = PedAnovaImportanceEvaluator(target_quantile=min(0.5, max(0.1, 3 / complete)))
+    evaluator = PedAnovaImportanceEvaluator(target_quantile=min(0.5, max(0.1, 5 / complete)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its matplotlib backend is marked experimental
         try:
