@@ -329,6 +329,8 @@ class Search:
                     self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
                 except optuna.exceptions.UpdateFinishedTrialError:
                     continue  # another worker starting here failed it first
+                # (On SQLite, without row locks, two workers starting at the same instant can both
+                # get here: the point then runs twice, as two trials.)
                 self.requeue(self.study, trial)
 
     def objective(self, trial: Any) -> float:
@@ -338,6 +340,9 @@ class Search:
         ahead = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
                                                                            TrialState.RUNNING))
                  if t.number < trial.number]
+        # Counting the trials ahead by number keeps two workers from both running the last one. A
+        # queued retry (an older number) taken after a newer trial passed this check can still make
+        # one trial more than `trials`: more work, never a lost or double-counted trial.
         if len(ahead) >= self.spec.trials:  # another worker asked for the last trial a moment earlier
             trial.set_user_attr("not_run", True)
             if fixed := trial.system_attrs.get("fixed_params"):  # a queued point (a retry): keep it queued
@@ -609,8 +614,10 @@ def main() -> None:
     root = Path.cwd()
     spec = load_spec(args.search_file)
     search = Search(spec, args.search_file, storage_url(root), root, create=not args.report)
-    # SIGTERM (a scheduler, `kill`) ends the worker as Ctrl-C does: the trial stopped and marked failed.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # SIGINT and SIGTERM (a scheduler, `kill`) end the worker as Ctrl-C does: the trial stopped and
+    # marked failed. SIGINT too, explicitly: a process started with it ignored inherits that.
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.default_int_handler)
     status = 0
     try:
         if not args.report:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -84,11 +85,17 @@ def open_storage(url: str, **heartbeat: Any) -> optuna.storages.RDBStorage:
         engine = {"connect_args": {"timeout": 60}}  # seconds a writer waits for another's lock
     else:
         engine = {}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine, skip_table_creation=False, **heartbeat)
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
-        first = (str(getattr(err, "orig", None) or err).strip().splitlines() or [type(err).__name__])[0]
-        raise StageError(f"study storage {shown_url(given)}: cannot open it: {first}") from None
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, skip_table_creation=False, **heartbeat)
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
+            first = (str(getattr(err, "orig", None) or err).strip().splitlines() or [type(err).__name__])[0]
+            # Two workers creating the tables of a new database at once: one of them loses the race
+            # ("duplicate key value" in PostgreSQL's catalog, "already exists" in SQLite); again.
+            if attempt < 4 and ("duplicate key" in first or "already exists" in first):
+                time.sleep(1 + attempt)
+                continue
+            raise StageError(f"study storage {shown_url(given)}: cannot open it: {first}") from None
 
 
 def build_pruner(definition: dict[str, Any]) -> optuna.pruners.BasePruner:

@@ -1,10 +1,15 @@
 import functools
 import http.server
+import signal
 import threading
 
 import pytest
 import torch
 
+
+# pytest-xdist's workers ignore SIGINT, and the processes they start would inherit that: the tests
+# that press Ctrl-C (chat, search) need the default back.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # `make test` runs whole modules on 2 processes (pytest-xdist --dist loadfile) in the order
 # collected: the longest modules go first, so the run does not end waiting on one of them.
