@@ -345,7 +345,8 @@ class Search:
         # one trial more than `trials`: more work, never a lost or double-counted trial.
         if len(ahead) >= self.spec.trials:  # another worker asked for the last trial a moment earlier
             trial.set_user_attr("not_run", True)
-            if fixed := trial.system_attrs.get("fixed_params"):  # a queued point (a retry): keep it queued
+            # A queued point (a retry, a first trial) stays queued, for whoever continues the study.
+            if fixed := self.storage.get_trial_system_attrs(trial._trial_id).get("fixed_params"):
                 self.study.enqueue_trial(fixed, user_attrs={k: v for k, v in trial.user_attrs.items() if k != "not_run"})
             raise SurplusTrial
         params = {name: rng.suggest(trial, name) for name, rng in self.spec.params.items()}

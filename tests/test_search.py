@@ -155,6 +155,22 @@ def test_a_trial_of_a_worker_killed_on_this_machine_is_failed_and_queued_again(t
     assert [t.state for t in skip.study.get_trials()] == [TrialState.FAIL, TrialState.FAIL, TrialState.WAITING]
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test asks for trials without Study.optimize
+def test_a_queued_point_asked_for_after_the_study_has_its_trials_stays_queued(tmp_path):
+    """Two workers, one trial left: the one that loses the race runs nothing, and if what it took
+    was a queued point (a retry), the point is queued again rather than lost."""
+    from pipeline.search import Search, SearchSpec, SurplusTrial
+
+    spec = SearchSpec.model_validate(smoke_search(trials=1, first_trials=[{"train.lr": 3e-3}, {"train.lr": 2e-3}]))
+    search = Search(spec, Path("search.yaml"), f"sqlite:///{tmp_path}/search.db", tmp_path)
+    search.study.ask().suggest_float("train.lr", 1e-6, 1e-2, log=True)  # the other worker's, running
+    with pytest.raises(SurplusTrial):
+        search.objective(search.study.ask())
+    trials = search.study.get_trials()
+    assert trials[1].user_attrs["not_run"] is True
+    assert trials[2].state.name == "WAITING" and trials[2].system_attrs["fixed_params"] == {"train.lr": 2e-3}
+
+
 def test_a_worker_stops_after_three_failed_trials_each_told_in_one_line(conf_only):
     """Outside a DVC repository every trial's `dvc exp run` fails: a broken setup, not bad luck."""
     shutil.copy(ROOT / "params.yaml", conf_only / "params.yaml")
