@@ -253,8 +253,8 @@ def tracked_training(stage: str, outputs: Outputs, inputs: TrainingInputs, run: 
             mlflow.set_tag("torchelastic.restarts", str(ctx.restarts))
         metric_logger = metric_logger_for(active.info.run_id, saved_state, reopened=reopen is not None)
         # In a search (pipeline.search), the study's pruner may stop the run after an evaluation.
-        pruner = pruning_callback()
-        result = inputs.train(outputs.checkpoints, callbacks=(metric_logger, *([pruner] if pruner else [])))
+        callbacks = tuple(c for c in (metric_logger, pruning_callback()) if c is not None)
+        result = inputs.train(outputs.checkpoints, callbacks=callbacks)
         try:
             metric_logger.close(timeout=tracking.outage_wait)
         except StageError:
