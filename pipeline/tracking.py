@@ -176,6 +176,9 @@ class MetricLogger:
     SKIPPED = ("kind", "step", "tokens", "best_val_loss", "val_perplexity")
     STALL_SECONDS = 10  # a batch unanswered this long is an outage worth a line
     RETRY_SECONDS = 8  # between the sender's own tries, once MLflow's client has given up
+    # At most this long between batches: on a slow model (or a busy machine) 200 points can
+    # take minutes, and the UI's charts would lag that far behind the loop.
+    FLUSH_SECONDS = 5.0
 
     def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 200,
                  skip: set[tuple[str, int]] | None = None) -> None:
@@ -189,6 +192,7 @@ class MetricLogger:
         self.fatal: Exception | None = None  # a refusal that retrying cannot fix
         self.outage_since: float | None = None  # when the unanswered batch was first sent
         self.outage_told = False
+        self.flushed_at = time.monotonic()
         self._lock = threading.Condition()
         self._closing = False
         self._sender = threading.Thread(target=self._send_forever, name="mlflow-metrics", daemon=True)
@@ -202,7 +206,8 @@ class MetricLogger:
                 continue
             if (key, step) not in self.skip:
                 self.buffer.append(Metric(key, float(value), now, step))
-        if len(self.buffer) >= self.flush_every or record.get("kind") == "eval":
+        if (len(self.buffer) >= self.flush_every or record.get("kind") == "eval"
+                or time.monotonic() - self.flushed_at >= self.FLUSH_SECONDS):
             self.flush()
         self._tell_outage()
 
@@ -216,6 +221,7 @@ class MetricLogger:
 
     def flush(self) -> None:
         """Hand the buffer to the sender (returns at once)."""
+        self.flushed_at = time.monotonic()
         with self._lock:
             self.pending.extend(self.buffer)
             self.buffer = []
@@ -227,7 +233,10 @@ class MetricLogger:
         with self._lock:
             self._closing = True
             self._lock.notify()
-        self._sender.join(timeout)
+        deadline = time.monotonic() + timeout
+        while self._sender.is_alive() and time.monotonic() < deadline:  # in slices: an outage gets its line here too
+            self._sender.join(min(1.0, max(0.0, deadline - time.monotonic())))
+            self._tell_outage()
         with self._lock:
             left, error = len(self.pending), self.fatal or self.error or "no answer"
         if left or self.fatal:
@@ -236,7 +245,7 @@ class MetricLogger:
                              f"checkpoints are kept: re-run the stage once the server answers, and it logs what is missing")
 
     def _tell_outage(self) -> None:
-        """One line when a batch has gone unanswered for STALL_SECONDS (called by the loop)."""
+        """One line when a batch has gone unanswered for STALL_SECONDS (called by the loop and `close`)."""
         since = self.outage_since
         if since is not None and not self.outage_told and time.time() - since > self.STALL_SECONDS:
             self.outage_told = True
