@@ -1,5 +1,6 @@
 import functools
 import http.server
+import os
 import signal
 import threading
 
@@ -10,6 +11,11 @@ import torch
 # pytest-xdist's workers ignore SIGINT, and the processes they start would inherit that: the tests
 # that press Ctrl-C (chat, search) need the default back.
 signal.signal(signal.SIGINT, signal.default_int_handler)
+
+# Each xdist worker computes on one core: two threads per process oversubscribe the 2 cores
+# (pipeline_helpers.THREADS has the numbers).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    torch.set_num_threads(1)
 
 # `make test` runs whole modules on 2 processes (pytest-xdist --dist loadfile) in the order
 # collected: the longest modules go first, so the run does not end waiting on one of them.

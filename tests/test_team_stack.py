@@ -173,7 +173,7 @@ def clone_a(stack, tmp_path_factory) -> dict:
     training; meanwhile the MLflow server is killed (-9) and started again 20 s later, then
     PostgreSQL is stopped and started again."""
     repo = clone_checkout(tmp_path_factory.mktemp("clone-a"))
-    compose_smoke(repo, "train.max_steps=100000", f"train.max_time={TRAIN_SECONDS}", "train.eval_interval=50",
+    compose_smoke(repo, "train.max_steps=100000", f"train.max_time={TRAIN_SECONDS}", "train.eval_interval=10",
                   f"tracking.register_model={MODEL_NAME}")
     stack.cli("remote", "--repo", str(repo))
     proc = subprocess.Popen(["dvc", "repro", "evaluate", "sample"], cwd=repo, env=env_for(repo, MLFLOW_TRACKING_URI=stack.url),
@@ -223,7 +223,9 @@ def test_training_goes_on_through_outages_and_every_point_arrives(stack, clone_a
     client = MlflowClient(stack.url)
     with (repo / "reports/train_curve.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) >= train["steps"] > 50
+    # On a busy machine 45 s can be under 50 steps (46 in one CI run): an evaluation every 10
+    # steps makes sure the run has a best checkpoint for the tests below.
+    assert len(rows) >= train["steps"] >= 10
     for key in ("train_loss", "val_loss", "lr", "tokens_per_s"):
         expected = [int(r["step"]) for r in rows if r[key] != ""]
         steps = [m.step for m in client.get_metric_history(clone_a["run_id"], key)]
