@@ -12,6 +12,8 @@ RUNNING run of this host whose process is gone.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import socket
 import subprocess
@@ -19,7 +21,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,17 +69,53 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
                          f"start it or unset MLFLOW_TRACKING_URI to use the local store") from None
 
 
+STORE_LOCK_SECONDS = 120  # creating a store took 1.4 s here: a holder this long is stuck
+
+
+@contextlib.contextmanager
+def store_creation_lock(uri: str) -> Iterator[None]:
+    """Held while a process opens (and so may create) a local SQLite store.
+
+    MLflow 3.17 migrates a new SQLite file in 68 steps. Two processes doing it at once (a
+    queue of two on a fresh clone; two search workers; `mlflow ui` beside a stage) interleave
+    them, and the loser fails with "duplicate column name" or "table _alembic_tmp_params already
+    exists"; in 2 of 4 three-way races the store stayed broken for good. The lock is a file of
+    its own beside the store: closing a descriptor of the database file itself would drop the
+    POSIX locks SQLite holds in this process.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(uri.removeprefix("sqlite:///") + ".lock")
+    with open(lock, "a") as handle:
+        deadline = time.monotonic() + STORE_LOCK_SECONDS
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StageError(f"tracking: another process has held {lock} for {STORE_LOCK_SECONDS} s while "
+                                     f"opening the MLflow store; if none is running, delete that file") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def ensure_experiment(name: str, root: Path) -> str:
     """Create (once) the store and the experiment; return the experiment id.
 
-    Two processes creating a fresh SQLite store at the same moment race on the
-    schema ("table already exists"); we retry, and `make sweep` calls this once
-    before the parallel runs start.
+    A local store is opened under `store_creation_lock`. Two clients creating the
+    experiment on a server at once race on its name ("already exists"): we retry.
     """
     uri = tracking_uri(root)
     check_server(uri)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+    with store_creation_lock(uri):  # MlflowClient opens the store, and creates it when new
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)
     for attempt in range(5):
         try:
             exp = client.get_experiment_by_name(name)

@@ -22,6 +22,7 @@ import pytest
 import torch
 import yaml
 
+from pipeline.tracking import store_creation_lock
 from pipeline_helpers import all_runs, compose_smoke, copy_repo, env_for, run
 
 pytestmark = pytest.mark.slow
@@ -40,7 +41,10 @@ def store(repo: Path) -> str:
 
 
 def statuses(repo: Path) -> dict[str, str]:
-    return {r.info.run_id: r.info.status for r in all_runs(store(repo))}
+    """Polled while a stage runs: the store is opened under the stages' lock, so this reader
+    does not create the store's schema at the same time as the stage does."""
+    with store_creation_lock(store(repo)):
+        return {r.info.run_id: r.info.status for r in all_runs(store(repo))}
 
 
 def temp_files(folder: Path) -> list[str]:

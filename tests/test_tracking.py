@@ -21,10 +21,10 @@ def down_server(monkeypatch):
     """The URI of a port nothing listens on; MLflow's client gives up on a request at once."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     uri = f"http://127.0.0.1:{free_port()}"
-    before = mlflow.get_tracking_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # mlflow.set_tracking_uri sets it too; restored after
     mlflow.set_tracking_uri(uri)
     yield uri
-    mlflow.set_tracking_uri(before)
+    mlflow.set_tracking_uri(None)
 
 
 def quick_logger(uri: str) -> MetricLogger:
@@ -59,3 +59,51 @@ def test_an_outage_during_training_is_told_once(down_server, capsys):
     with pytest.raises(StageError, match="12 metric points"):
         logger.close(timeout=0.5)
     assert "has not taken" not in capsys.readouterr().out  # told once per outage
+
+
+OPEN_THE_STORE = """
+import sys, time
+from pathlib import Path
+from pipeline.tracking import ensure_experiment
+start = float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+print(ensure_experiment("minigpt", Path(sys.argv[1])))
+"""
+
+
+def test_processes_creating_one_local_store_at_once_all_get_a_whole_store(tmp_path):
+    """Three stages starting together on a fresh clone (a queue of three): without the lock, MLflow's
+    68 migrations interleave, and the store was broken for good in 2 of 4 such races."""
+    import subprocess
+    import sys
+
+    from pipeline_helpers import ROOT, env_for
+
+    start = time.time() + 8  # after the three interpreters have imported MLflow
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_THE_STORE, str(tmp_path), str(start)], cwd=ROOT,
+                              env=env_for(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    results = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0], [err[-500:] for _, err in results]
+    assert len({out for out, _ in results}) == 1  # one experiment
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert sorted(e.name for e in client.search_experiments()) == ["Default", "minigpt"]
+
+
+def test_a_store_lock_held_too_long_is_named_in_one_line(tmp_path, monkeypatch):
+    import fcntl
+
+    from pipeline import tracking
+
+    monkeypatch.setattr(tracking, "STORE_LOCK_SECONDS", 0.5)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # restored after the test (ensure_experiment sets it)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the local store
+    lock = tmp_path / "mlflow.db.lock"
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as another process would, stuck while opening the store
+        with pytest.raises(StageError) as err:
+            tracking.ensure_experiment("minigpt", tmp_path)
+    assert str(err.value) == (f"tracking: another process has held {lock} for 0.5 s while opening the MLflow "
+                              f"store; if none is running, delete that file")
+    assert not (tmp_path / "mlflow.db").exists()
+    mlflow.set_tracking_uri(None)
