@@ -1,19 +1,24 @@
 """The metric sender against a tracking server that is not there (a real refused connection on
 a free port): the loop never waits, points go out on time even when few, and a wait for the
 server is told in one line, during training or while the stage waits for its last points.
-The whole outage-and-return story against a real server is `test_team_stack`."""
+The whole outage-and-return story against a real server is `test_team_stack`. And the local
+store: processes that start together create it one at a time."""
 
 from __future__ import annotations
 
+import fcntl
+import subprocess
+import sys
 import time
 
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline import tracking
 from pipeline.common import StageError
 from pipeline.tracking import MetricLogger
-from pipeline_helpers import free_port
+from pipeline_helpers import ROOT, env_for, free_port
 
 
 @pytest.fixture
@@ -74,11 +79,6 @@ print(ensure_experiment("minigpt", Path(sys.argv[1])))
 def test_processes_creating_one_local_store_at_once_all_get_a_whole_store(tmp_path):
     """Three stages starting together on a fresh clone (a queue of three): without the lock, MLflow's
     68 migrations interleave, and the store was broken for good in 2 of 4 such races."""
-    import subprocess
-    import sys
-
-    from pipeline_helpers import ROOT, env_for
-
     start = time.time() + 8  # after the three interpreters have imported MLflow
     procs = [subprocess.Popen([sys.executable, "-c", OPEN_THE_STORE, str(tmp_path), str(start)], cwd=ROOT,
                               env=env_for(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -91,10 +91,6 @@ def test_processes_creating_one_local_store_at_once_all_get_a_whole_store(tmp_pa
 
 
 def test_a_store_lock_held_too_long_is_named_in_one_line(tmp_path, monkeypatch):
-    import fcntl
-
-    from pipeline import tracking
-
     monkeypatch.setattr(tracking, "STORE_LOCK_SECONDS", 0.5)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # restored after the test (ensure_experiment sets it)
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the local store
